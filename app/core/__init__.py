@@ -1,0 +1,1 @@
+"""The core of the memory layer: the memory package and the database tooling."""

@@ -1,0 +1,924 @@
+"""The ``sqlite`` driver: the embedded default, one SQLite file, nothing to set up.
+
+Needs only the standard library's sqlite3 (with FTS5, as CPython ships it) and numpy; embeddings
+come from ``embeddings.py``. The schema comes from ``database/migrations/sqlite`` (``python
+migrate.py``); the driver issues no DDL and raises ``SchemaNotMigratedError`` on an unmigrated file.
+
+How it works:
+- WAL, ``busy_timeout`` and foreign keys on every connection; one connection per thread; every
+  write is one ``BEGIN IMMEDIATE`` transaction, every search one read transaction (one snapshot).
+- Keywords: FTS5 with bm25 over memory content (``porter unicode61`` tokenizer).
+- Vectors: float32 blobs in the rows, and in memory one matrix per user (``vector_cache.py``),
+  synced before each search from per-user sequence numbers that triggers maintain, so a recall
+  reads only rows written since the last one, even when another process wrote them. Search is an
+  exact cosine scan of that matrix.
+- Recall fuses both (``ranking.py``). Embedding happens outside the write transaction, so a slow
+  model never holds the database's write lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+
+from app.core.database.migrator import migrations_dir
+from app.core.database.sqlite_connection import MEMORY_DATABASE, open_sqlite
+from app.core.memory import ranking
+from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.chunking import chunk_text
+from app.core.memory.drivers import sqlite_search as search
+from app.core.memory.drivers.vector_cache import VectorCache
+from app.core.memory.embeddings import Embedder, get_default_embedder
+from app.core.memory.errors import (
+    BackendUnavailableError,
+    EmbeddingMismatchError,
+    InvalidInputError,
+    MemoryDriverError,
+    SchemaNotMigratedError,
+)
+from app.core.memory.records import (
+    HealthReport,
+    Knowledge,
+    KnowledgeDocument,
+    Memory,
+    MemoryInput,
+    MemoryPage,
+    User,
+    UserStats,
+)
+from app.core.memory.validation import (
+    DEFAULT_NAMESPACE,
+    MAX_KNOWLEDGE_CHARS,
+    MAX_PAGE_SIZE,
+    MAX_PROFILE_BYTES,
+    MAX_QUERY_CHARS,
+    MAX_TITLE_CHARS,
+    MemoryDraft,
+    RecallFilters,
+    check_bool,
+    check_id,
+    check_json_object,
+    check_metadata,
+    check_optional_id,
+    check_positive_int,
+    check_query,
+    check_text,
+    check_top_k,
+    check_cursor,
+    prepare_changes,
+    prepare_filters,
+    prepare_store,
+    prepare_store_many,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+REQUIRED_MIGRATION = "2026_11_22_000001_create_memory_tables"
+_MEMORY_COLUMNS = (
+    "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
+    "m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, m.expires_at, "
+    "m.deleted_at, m.created_at, m.updated_at"
+)
+_USER_ID_ATTEMPTS = 5
+
+
+def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn sqlite3 exceptions escaping a public verb into the contract's errors."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _contract_error(exc) from exc
+
+    return wrapper
+
+
+class SqliteDriver(BaseMemoryDriver):
+    """Memories, knowledge and users in one SQLite file (see the module docstring)."""
+
+    name = "sqlite"
+
+    def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
+                 busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
+                 vector_cache_max_vectors: int = 2_000_000) -> None:
+        if str(path) == MEMORY_DATABASE:
+            raise InvalidInputError(
+                "path must be a file: each thread opens its own connection, and ':memory:' would "
+                "give each one a separate, empty database"
+            )
+        self.path = Path(path).expanduser()
+        self._embedder = embedder
+        self._busy_timeout_ms = busy_timeout_ms
+        self._retention = retention
+        self._vector_cache_max = vector_cache_max_vectors
+        self._vectors: VectorCache | None = None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._schema_checked = False
+        self._identity_checked = False
+
+    @classmethod
+    def from_settings(cls) -> SqliteDriver:
+        """A driver configured from ``MEMORY_SQLITE_PATH`` and the other settings."""
+        from config.settings import get_settings
+
+        settings = get_settings()
+        return cls(
+            path=settings.sqlite_path,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            retention=timedelta(days=settings.soft_delete_retention_days),
+            vector_cache_max_vectors=settings.vector_cache_max_vectors,
+        )
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder in use (the process-wide default unless one was injected)."""
+        if self._embedder is None:
+            self._embedder = get_default_embedder()
+        return self._embedder
+
+    # -- the six verbs of the original design ---------------------------------------------------
+
+    @_translate_errors
+    def recall(
+        self,
+        user_id: str,
+        conversation_id: str | None = None,
+        query: str | None = None,
+        top_k: int = 10,
+        use_vector: bool = True,
+        exclude_tags: list[str] | None = None,
+        *,
+        agent_id: str | None = None,
+        namespace: str | None = None,
+        tags: list[str] | None = None,
+        min_importance: float | None = None,
+    ) -> list[Memory]:
+        filters = prepare_filters(
+            user_id, agent_id=agent_id, conversation_id=conversation_id, namespace=namespace,
+            tags=tags, exclude_tags=exclude_tags, min_importance=min_importance,
+        )
+        top_k = check_top_k(top_k)
+        use_vector = check_bool(use_vector, "use_vector")
+        text = check_query(query)
+        query_vector = self._embed_query(text) if text is not None and use_vector else None
+        now = time.time()
+        scope = search.memory_scope(filters, now)
+        with self._read() as conn:
+            if text is None:
+                rows = conn.execute(
+                    f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope.sql} "
+                    "ORDER BY m.created_at DESC, m.pk DESC LIMIT ?",
+                    (*scope.params, top_k),
+                ).fetchall()
+                ranked = [(row["pk"], 1.0) for row in rows]
+            else:
+                candidates = self._candidates(conn, search.MEMORIES, scope, text, query_vector,
+                                              f"memory:{filters.user_id}", top_k,
+                                              (filters.user_id,))
+                ranked = _rank(candidates, top_k, use_vector=query_vector is not None)
+                rows = self._memory_rows(conn, [pk for pk, _ in ranked])
+        memories = _ordered_memories(rows, dict(ranked))
+        self._record_access(memories, now)
+        return memories
+
+    @_translate_errors
+    def recall_global_knowledge(
+        self, query: str, top_k: int = 5, category: str | None = None
+    ) -> list[Knowledge]:
+        text = check_text(query, "query", max_chars=MAX_QUERY_CHARS)
+        top_k = check_top_k(top_k)
+        category = check_optional_id(category, "category")
+        query_vector = self._embed_query(text)
+        scope = search.knowledge_scope(category)
+        with self._read() as conn:
+            candidates = self._candidates(conn, search.KNOWLEDGE, scope, text, query_vector,
+                                          "knowledge", top_k, ())
+            ranked = _rank(candidates, top_k, use_vector=True)
+            rows = conn.execute(
+                "SELECT m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, "
+                "d.metadata, d.updated_at FROM knowledge_chunks m "
+                "JOIN knowledge_documents d ON d.pk = m.document_pk "
+                "WHERE m.pk IN (SELECT value FROM json_each(?))",
+                (json.dumps([pk for pk, _ in ranked]),),
+            ).fetchall()
+        by_pk = {row["pk"]: row for row in rows}
+        return [_knowledge_from_row(by_pk[pk], score) for pk, score in ranked if pk in by_pk]
+
+    @_translate_errors
+    def store(
+        self,
+        user_id: str,
+        content: str,
+        conversation_id: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        agent_id: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        key: str | None = None,
+        importance: float = 0.5,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
+    ) -> Memory:
+        now = _utcnow()
+        draft = prepare_store(
+            user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
+            namespace=namespace, key=key, importance=importance, ttl=ttl, expires_at=expires_at,
+            now=now,
+        )
+        vectors = self._embed_documents([draft.content])
+        with self._write() as conn:
+            pk = self._write_memory(conn, draft, vectors[0], now.timestamp())
+            rows = self._memory_rows(conn, [pk])
+        return _memory_from_row(rows[0])
+
+    @_translate_errors
+    def store_global_knowledge(
+        self,
+        content: str,
+        category: str,
+        title: str | None = None,
+        doc_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> KnowledgeDocument:
+        content = check_text(content, "content", max_chars=MAX_KNOWLEDGE_CHARS)
+        category = check_id(category, "category")
+        title = None if title is None else check_text(title, "title", max_chars=MAX_TITLE_CHARS)
+        doc_id = check_optional_id(doc_id, "doc_id") or f"doc_{secrets.token_hex(8)}"
+        meta = check_metadata(metadata)
+        chunks = chunk_text(content)
+        vectors = self._embed_documents(chunks)
+        now = time.time()
+        with self._write() as conn:
+            existing = conn.execute(
+                "SELECT pk FROM knowledge_documents WHERE doc_id = ?", (doc_id,)
+            ).fetchone()
+            if existing is None:
+                document_pk = conn.execute(
+                    "INSERT INTO knowledge_documents (doc_id, category, title, metadata, "
+                    "chunk_count, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (doc_id, category, title, json.dumps(meta), len(chunks), now, now),
+                ).lastrowid
+            else:
+                document_pk = existing["pk"]
+                conn.execute("DELETE FROM knowledge_chunks WHERE document_pk = ?", (document_pk,))
+                conn.execute(
+                    "UPDATE knowledge_documents SET category = ?, title = ?, metadata = ?, "
+                    "chunk_count = ?, updated_at = ? WHERE pk = ?",
+                    (category, title, json.dumps(meta), len(chunks), now, document_pk),
+                )
+            conn.executemany(
+                "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
+                "VALUES (?, ?, ?, ?)",
+                [(document_pk, index, chunk, _blob(vector))
+                 for index, (chunk, vector) in enumerate(zip(chunks, vectors))],
+            )
+            row = conn.execute("SELECT * FROM knowledge_documents WHERE pk = ?",
+                               (document_pk,)).fetchone()
+        return _document_from_row(row)
+
+    @_translate_errors
+    def delete(self, memory_id: str, user_id: str | None = None) -> bool:
+        memory_id, user_id = _check_by_id(memory_id, user_id)
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE memories SET deleted_at = ?, updated_at = ? WHERE id = ? "
+                "AND (? IS NULL OR user_id = ?) AND deleted_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (now, now, memory_id, user_id, user_id, now),
+            )
+        return cursor.rowcount > 0
+
+    def health_check(self) -> HealthReport:
+        started = time.perf_counter()
+        checks: dict[str, Any] = {"database": {"path": str(self.path)}}
+        status = "ok"
+        try:
+            if not self.path.exists():
+                raise SchemaNotMigratedError(
+                    f"database file {self.path} does not exist; run `python migrate.py`"
+                )
+            conn = self._connection()
+            conn.execute("SELECT 1").fetchone()
+            checks["database"]["status"] = "ok"
+            checks["migrations"] = self._migration_check(conn)
+            checks["embedding"] = self._embedding_check(conn)
+            if checks["migrations"]["status"] != "ok" or checks["embedding"]["status"] not in (
+                "ok", "unrecorded"
+            ):
+                status = "degraded"
+            if checks["migrations"]["status"] == "not_migrated":
+                status = "down"
+        except (sqlite3.Error, MemoryDriverError, OSError) as exc:
+            status = "down"
+            checks["database"].update(status="down", error=str(exc))
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        return {"driver": self.name, "status": status, "checks": checks,  # type: ignore[typeddict-item]
+                "latency_ms": latency}
+
+    # -- added verbs -------------------------------------------------------------------------
+
+    @_translate_errors
+    def get(
+        self, memory_id: str, user_id: str | None = None, *, include_deleted: bool = False
+    ) -> Memory | None:
+        memory_id, user_id = _check_by_id(memory_id, user_id)
+        include_deleted = check_bool(include_deleted, "include_deleted")
+        with self._read() as conn:
+            pk = self._visible_pk(conn, memory_id, user_id, time.time(),
+                                  include_deleted=include_deleted)
+            rows = self._memory_rows(conn, [pk] if pk is not None else [])
+        return _memory_from_row(rows[0]) if rows else None
+
+    @_translate_errors
+    def update(
+        self,
+        memory_id: str,
+        user_id: str | None = None,
+        *,
+        content: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        importance: float | None = None,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
+        clear_expiry: bool = False,
+    ) -> Memory | None:
+        memory_id, user_id = _check_by_id(memory_id, user_id)
+        now = _utcnow()
+        changes = prepare_changes(content=content, tags=tags, metadata=metadata,
+                                  importance=importance, ttl=ttl, expires_at=expires_at,
+                                  clear_expiry=clear_expiry, now=now)
+        vector = self._embed_documents([changes.content])[0] if changes.content else None
+        assignments: list[str] = ["updated_at = ?"]
+        params: list[Any] = [now.timestamp()]
+        for column, value in (("content", changes.content),
+                              ("tags", None if changes.tags is None else json.dumps(changes.tags)),
+                              ("metadata", None if changes.metadata is None
+                               else json.dumps(changes.metadata)),
+                              ("importance", changes.importance),
+                              ("expires_at", changes.expires_at and changes.expires_at.timestamp()),
+                              ("embedding", None if vector is None else _blob(vector))):
+            if value is not None:
+                assignments.append(f"{column} = ?")
+                params.append(value)
+        if changes.clear_expiry:
+            assignments.append("expires_at = NULL")
+        with self._write() as conn:
+            pk = self._visible_pk(conn, memory_id, user_id, now.timestamp())
+            if pk is None:
+                return None
+            if not changes.is_empty:
+                conn.execute(f"UPDATE memories SET {', '.join(assignments)} WHERE pk = ?",
+                             (*params, pk))
+            rows = self._memory_rows(conn, [pk])
+        return _memory_from_row(rows[0])
+
+    @_translate_errors
+    def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
+        now = _utcnow()
+        drafts = prepare_store_many(items, now=now)
+        if not drafts:
+            return []
+        vectors = self._embed_documents([draft.content for draft in drafts])
+        with self._write() as conn:
+            pks = [self._write_memory(conn, draft, vector, now.timestamp())
+                   for draft, vector in zip(drafts, vectors)]
+            rows = {row["pk"]: row for row in self._memory_rows(conn, pks)}
+        return [_memory_from_row(rows[pk]) for pk in pks]
+
+    @_translate_errors
+    def list_memories(
+        self,
+        user_id: str,
+        *,
+        agent_id: str | None = None,
+        conversation_id: str | None = None,
+        namespace: str | None = None,
+        tags: list[str] | None = None,
+        include_deleted: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> MemoryPage:
+        filters = prepare_filters(user_id, agent_id=agent_id, conversation_id=conversation_id,
+                                  namespace=namespace, tags=tags)
+        include_deleted = check_bool(include_deleted, "include_deleted")
+        limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
+        before = check_cursor(cursor)
+        scope = search.memory_scope(filters, time.time(), include_deleted=include_deleted)
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope.sql} "
+                "AND (? IS NULL OR m.pk < ?) ORDER BY m.pk DESC LIMIT ?",
+                (*scope.params, before, before, limit + 1),
+            ).fetchall()
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        return {"items": [_memory_from_row(row) for row in rows],
+                "next_cursor": str(rows[-1]["pk"]) if has_more else None}
+
+    @_translate_errors
+    def restore(self, memory_id: str, user_id: str | None = None) -> bool:
+        memory_id, user_id = _check_by_id(memory_id, user_id)
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE memories SET deleted_at = NULL, updated_at = ? WHERE id = ? "
+                "AND (? IS NULL OR user_id = ?) AND deleted_at IS NOT NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (now, memory_id, user_id, user_id, now),
+            )
+        return cursor.rowcount > 0
+
+    @_translate_errors
+    def forget_user(self, user_id: str) -> int:
+        user_id = check_id(user_id, "user_id")
+        space = f"memory:{user_id}"
+        with self._write() as conn:
+            erased = conn.execute("DELETE FROM memories WHERE user_id = ?", (user_id,)).rowcount
+            conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+            conn.execute("DELETE FROM vector_spaces WHERE space = ?", (space,))
+        if self._vectors is not None:
+            self._vectors.drop(space)
+        return erased
+
+    @_translate_errors
+    def purge(self, *, retention: timedelta | None = None) -> int:
+        if retention is None:
+            retention = self._retention
+        if not isinstance(retention, timedelta) or retention < timedelta(0):
+            raise InvalidInputError(f"retention must be a timedelta of zero or more "
+                                    f"(got {retention!r})")
+        now = time.time()
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM memories WHERE (expires_at IS NOT NULL AND expires_at <= ?) "
+                "OR (deleted_at IS NOT NULL AND deleted_at <= ?)",
+                (now, now - retention.total_seconds()),
+            ).rowcount
+
+    @_translate_errors
+    def delete_knowledge(self, doc_id: str) -> bool:
+        doc_id = check_id(doc_id, "doc_id")
+        with self._write() as conn:
+            row = conn.execute("SELECT pk FROM knowledge_documents WHERE doc_id = ?",
+                               (doc_id,)).fetchone()
+            if row is None:
+                return False
+            # Chunks first, explicitly, so that their delete triggers keep FTS and vectors exact.
+            conn.execute("DELETE FROM knowledge_chunks WHERE document_pk = ?", (row["pk"],))
+            conn.execute("DELETE FROM knowledge_documents WHERE pk = ?", (row["pk"],))
+        return True
+
+    @_translate_errors
+    def stats(self, user_id: str | None = None) -> dict[str, Any]:
+        user_id = check_optional_id(user_id, "user_id")
+        with self._read() as conn:
+            counts = _memory_counts(conn, user_id, time.time())
+            result: dict[str, Any] = {"driver": self.name, "memories": counts}
+            if user_id is None:
+                result["users"] = conn.execute(
+                    "SELECT COUNT(*) FROM (SELECT user_id FROM memories UNION "
+                    "SELECT user_id FROM users)"
+                ).fetchone()[0]
+                documents, chunks = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(chunk_count), 0) FROM knowledge_documents"
+                ).fetchone()
+                result["knowledge"] = {"documents": documents, "chunks": chunks}
+                result["embedding"] = _stored_identity(conn)
+                result["database"] = {"path": str(self.path),
+                                      "size_bytes": _file_size(self.path)}
+            else:
+                result["user_id"] = user_id
+        return result
+
+    @_translate_errors
+    def create_user(
+        self,
+        user_id: str | None = None,
+        *,
+        display_name: str | None = None,
+        profile: dict[str, Any] | None = None,
+    ) -> User:
+        chosen = check_optional_id(user_id, "user_id")
+        name = _check_display_name(display_name)
+        profile_json = json.dumps(check_json_object(profile, "profile",
+                                                    max_bytes=MAX_PROFILE_BYTES))
+        now = time.time()
+        for _ in range(_USER_ID_ATTEMPTS):
+            candidate = chosen or f"user_{secrets.token_hex(4)}"
+            with self._write() as conn:
+                inserted = conn.execute(
+                    "INSERT INTO users (user_id, display_name, profile, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO NOTHING",
+                    (candidate, name, profile_json, now, now),
+                ).rowcount
+            if inserted:
+                user = self.get_user(candidate)
+                assert user is not None
+                return user
+            if chosen:
+                raise InvalidInputError(f"user_id {chosen!r} already exists")
+        raise BackendUnavailableError("could not generate a free user id; try again")
+
+    @_translate_errors
+    def get_user(self, user_id: str) -> User | None:
+        user_id = check_id(user_id, "user_id")
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            counts = _memory_counts(conn, user_id, time.time())
+            first, last = conn.execute(
+                "SELECT MIN(created_at), MAX(created_at) FROM memories WHERE user_id = ?",
+                (user_id,),
+            ).fetchone()
+        if row is None and first is None:
+            return None
+        stats: UserStats = {"memories": counts["visible"], "deleted": counts["deleted"],
+                            "expired": counts["expired"], "last_memory_at": _dt(last)}
+        return {
+            "user_id": user_id,
+            "display_name": row["display_name"] if row else None,
+            "profile": json.loads(row["profile"]) if row else {},
+            "created_at": _dt(row["created_at"] if row else first),
+            "updated_at": _dt(row["updated_at"]) if row else None,
+            "stats": stats,
+        }
+
+    @_translate_errors
+    def get_profile(self, user_id: str) -> dict[str, Any]:
+        user_id = check_id(user_id, "user_id")
+        with self._read() as conn:
+            row = conn.execute("SELECT profile FROM users WHERE user_id = ?",
+                               (user_id,)).fetchone()
+        return json.loads(row["profile"]) if row else {}
+
+    @_translate_errors
+    def set_profile(
+        self, user_id: str, profile: dict[str, Any], *, merge: bool = False
+    ) -> dict[str, Any]:
+        user_id = check_id(user_id, "user_id")
+        if profile is None:
+            raise InvalidInputError("profile must be a dict (got None)")
+        new = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
+        merge = check_bool(merge, "merge")
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT profile FROM users WHERE user_id = ?",
+                               (user_id,)).fetchone()
+            stored = {**json.loads(row["profile"]), **new} if merge and row else new
+            stored = check_json_object(stored, "profile", max_bytes=MAX_PROFILE_BYTES)
+            conn.execute(
+                "INSERT INTO users (user_id, profile, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile, "
+                "updated_at = excluded.updated_at",
+                (user_id, json.dumps(stored), now, now),
+            )
+        return stored
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._vectors = None
+
+    # -- private helpers ----------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise BackendUnavailableError("this SqliteDriver is closed")
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = open_sqlite(self.path, busy_timeout_ms=self._busy_timeout_ms)
+            connection.row_factory = sqlite3.Row
+            with self._lock:
+                self._connections.append(connection)
+            self._local.connection = connection
+        return connection
+
+    def _schema_ready(self) -> sqlite3.Connection:
+        conn = self._connection()
+        if not self._schema_checked:
+            try:
+                ran = conn.execute("SELECT 1 FROM migrations WHERE migration = ?",
+                                   (REQUIRED_MIGRATION,)).fetchone()
+            except sqlite3.OperationalError:
+                ran = None
+            if ran is None:
+                raise SchemaNotMigratedError(
+                    f"the SQLite database {self.path} is not migrated: run `python migrate.py`"
+                )
+            self._schema_checked = True
+        return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        conn = self._schema_ready()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._schema_ready()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _vector_cache(self) -> VectorCache:
+        if self._vectors is None:
+            self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max)
+        return self._vectors
+
+    def _embed_documents(self, texts: list[str]) -> np.ndarray:
+        self._check_identity()
+        return self.embedder.embed_documents(texts)
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        self._check_identity()
+        return self.embedder.embed_query(text)
+
+    def _check_identity(self) -> None:
+        """Record the embedding model on first use; refuse to mix vectors of another model."""
+        if self._identity_checked:
+            return
+        model, dimension = self.embedder.model_name, self.embedder.dimension
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO embedding_identity (id, model, dimension, recorded_at) "
+                "VALUES (1, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (model, dimension, time.time()),
+            )
+            stored = _stored_identity(conn)
+        if stored != {"model": model, "dimension": dimension}:
+            raise EmbeddingMismatchError(
+                f"the vectors in {self.path} were made by {stored['model']} "
+                f"({stored['dimension']} dimensions) but the configured model is {model} "
+                f"({dimension} dimensions). Set MEMORY_EMBEDDING_MODEL={stored['model']}, or "
+                "re-embed the stored memories with the new model (`python -m app reembed`)."
+            )
+        self._identity_checked = True
+
+    def _candidates(self, conn: sqlite3.Connection, corpus: search.Corpus, scope: search.Scope,
+                    text: str, query_vector: np.ndarray | None, space_name: str, top_k: int,
+                    space_params: tuple[Any, ...]) -> dict[int, search.Candidate]:
+        depth = ranking.candidate_depth(top_k)
+        found = search.keyword_candidates(conn, corpus, scope, text, depth)
+        if query_vector is None:
+            return found
+        space = self._vector_cache().space(space_name)
+        owner = "AND user_id = ? " if space_params else ""
+        rows_sql = (f"SELECT pk, embedding FROM {corpus.table} WHERE 1 = 1 {owner}"
+                    "AND vec_seq > ?")
+        with space.lock:
+            search.sync_space(conn, corpus, space, space_name, rows_sql, space_params)
+        nearest = search.vector_candidates(conn, corpus, scope, space, query_vector, depth)
+        # Keyword-only finds get their true cosine too, so fusion compares like with like.
+        with space.lock:
+            cosines = space.similarities_of([pk for pk in found if pk not in nearest],
+                                            query_vector)
+        for pk, candidate in found.items():
+            if pk in nearest:
+                nearest[pk].keyword = candidate.keyword
+            else:
+                candidate.cosine = cosines.get(pk, 0.0)
+                nearest[pk] = candidate
+        return nearest
+
+    def _memory_rows(self, conn: sqlite3.Connection, pks: list[int]) -> list[sqlite3.Row]:
+        if not pks:
+            return []
+        return conn.execute(
+            f"SELECT {_MEMORY_COLUMNS} FROM memories m "
+            "WHERE m.pk IN (SELECT value FROM json_each(?))",
+            (json.dumps(pks),),
+        ).fetchall()
+
+    def _visible_pk(self, conn: sqlite3.Connection, memory_id: str, user_id: str | None,
+                    now: float, *, include_deleted: bool = False) -> int | None:
+        row = conn.execute(
+            "SELECT pk FROM memories WHERE id = ? AND (? IS NULL OR user_id = ?) "
+            "AND (expires_at IS NULL OR expires_at > ?) AND (? OR deleted_at IS NULL)",
+            (memory_id, user_id, user_id, now, include_deleted),
+        ).fetchone()
+        return None if row is None else int(row["pk"])
+
+    def _write_memory(self, conn: sqlite3.Connection, draft: MemoryDraft, vector: np.ndarray,
+                      now: float) -> int:
+        """Insert ``draft``, or replace the memory with its key in place; returns the pk."""
+        values = (draft.conversation_id, draft.content, json.dumps(draft.tags),
+                  json.dumps(draft.metadata), draft.importance,
+                  draft.expires_at and draft.expires_at.timestamp(), now, _blob(vector))
+        if draft.key is not None:
+            existing = conn.execute(
+                "SELECT pk FROM memories WHERE user_id = ? AND COALESCE(agent_id, '') = ? "
+                "AND namespace = ? AND key = ?",
+                (draft.user_id, draft.agent_id or "", draft.namespace, draft.key),
+            ).fetchone()
+            if existing is not None:
+                conn.execute(
+                    "UPDATE memories SET conversation_id = ?, content = ?, tags = ?, "
+                    "metadata = ?, importance = ?, expires_at = ?, updated_at = ?, "
+                    "embedding = ?, deleted_at = NULL WHERE pk = ?",
+                    (*values, existing["pk"]),
+                )
+                return int(existing["pk"])
+        cursor = conn.execute(
+            "INSERT INTO memories (conversation_id, content, tags, metadata, importance, "
+            "expires_at, updated_at, embedding, id, user_id, agent_id, namespace, key, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*values, uuid.uuid4().hex, draft.user_id, draft.agent_id, draft.namespace,
+             draft.key, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def _record_access(self, memories: list[Memory], now: float) -> None:
+        if not memories:
+            return
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE memories SET access_count = access_count + 1, last_accessed_at = ? "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (now, json.dumps([memory["id"] for memory in memories])),
+            )
+        accessed = _dt(now)
+        for memory in memories:
+            memory["access_count"] += 1
+            memory["last_accessed_at"] = accessed
+
+    def _migration_check(self, conn: sqlite3.Connection) -> dict[str, Any]:
+        files = sorted(path.stem for path in migrations_dir("sqlite").glob("*.py")
+                       if not path.name.startswith("_"))
+        try:
+            ran = {row[0] for row in conn.execute("SELECT migration FROM migrations")}
+        except sqlite3.OperationalError:
+            ran = set()
+        pending = [name for name in files if name not in ran]
+        if REQUIRED_MIGRATION not in ran:
+            return {"status": "not_migrated", "pending": pending,
+                    "hint": "run `python migrate.py`"}
+        return {"status": "pending" if pending else "ok", "pending": pending}
+
+    def _embedding_check(self, conn: sqlite3.Connection) -> dict[str, Any]:
+        stored = _stored_identity(conn)
+        configured: dict[str, Any] = {"model": self.embedder.model_name}
+        if getattr(self.embedder, "is_loaded", True):
+            configured["dimension"] = self.embedder.dimension
+        if stored is None:
+            return {"status": "unrecorded", "configured": configured}
+        same = stored["model"] == configured["model"] and stored["dimension"] == configured.get(
+            "dimension", stored["dimension"])
+        return {"status": "ok" if same else "mismatch", "stored": stored,
+                "configured": configured}
+
+
+# -- module helpers -------------------------------------------------------------------------
+
+
+def _rank(candidates: dict[int, search.Candidate], top_k: int, *,
+          use_vector: bool) -> list[tuple[int, float]]:
+    keyword = {pk: c.keyword for pk, c in candidates.items() if c.keyword > 0}
+    if use_vector:
+        scores = ranking.fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
+                              {pk: c.importance for pk, c in candidates.items()})
+    else:
+        scores = ranking.normalise_keyword_scores(keyword)
+    return ranking.rank(scores, {pk: c.recency for pk, c in candidates.items()}, top_k)
+
+
+def _check_by_id(memory_id: Any, user_id: Any) -> tuple[str, str | None]:
+    return check_id(memory_id, "memory_id"), check_optional_id(user_id, "user_id")
+
+
+def _check_display_name(value: Any) -> str | None:
+    return None if value is None else check_text(value, "display_name", max_chars=256)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _file_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+def _stored_identity(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT model, dimension FROM embedding_identity WHERE id = 1").fetchone()
+    return None if row is None else {"model": row[0], "dimension": row[1]}
+
+
+def _memory_counts(conn: sqlite3.Connection, user_id: str | None, now: float) -> dict[str, int]:
+    visible, deleted, expired = conn.execute(
+        "SELECT "
+        "COALESCE(SUM(deleted_at IS NULL AND (expires_at IS NULL OR expires_at > ?1)), 0), "
+        "COALESCE(SUM(deleted_at IS NOT NULL AND (expires_at IS NULL OR expires_at > ?1)), 0), "
+        "COALESCE(SUM(expires_at IS NOT NULL AND expires_at <= ?1), 0) "
+        "FROM memories WHERE (?2 IS NULL OR user_id = ?2)",
+        (now, user_id),
+    ).fetchone()
+    return {"visible": visible, "deleted": deleted, "expired": expired}
+
+
+def _memory_from_row(row: sqlite3.Row) -> Memory:
+    return {
+        "id": row["id"],
+        "user_id": row["user_id"],
+        "agent_id": row["agent_id"],
+        "conversation_id": row["conversation_id"],
+        "namespace": row["namespace"],
+        "key": row["key"],
+        "content": row["content"],
+        "tags": json.loads(row["tags"]),
+        "metadata": json.loads(row["metadata"]),
+        "importance": row["importance"],
+        "access_count": row["access_count"],
+        "last_accessed_at": _dt(row["last_accessed_at"]),
+        "expires_at": _dt(row["expires_at"]),
+        "deleted_at": _dt(row["deleted_at"]),
+        "created_at": _dt(row["created_at"]),  # type: ignore[typeddict-item]
+        "updated_at": _dt(row["updated_at"]),  # type: ignore[typeddict-item]
+    }
+
+
+def _ordered_memories(rows: list[sqlite3.Row], scores: dict[int, float]) -> list[Memory]:
+    by_pk = {row["pk"]: row for row in rows}
+    memories = []
+    for pk, score in scores.items():
+        if pk in by_pk:
+            memory = _memory_from_row(by_pk[pk])
+            memory["score"] = round(score, 6)
+            memories.append(memory)
+    return memories
+
+
+def _knowledge_from_row(row: sqlite3.Row, score: float) -> Knowledge:
+    return {
+        "id": f"{row['doc_id']}#{row['chunk_index']}",
+        "doc_id": row["doc_id"],
+        "category": row["category"],
+        "title": row["title"],
+        "content": row["content"],
+        "chunk_index": row["chunk_index"],
+        "metadata": json.loads(row["metadata"]),
+        "created_at": _dt(row["updated_at"]),  # type: ignore[typeddict-item]
+        "score": round(score, 6),
+    }
+
+
+def _document_from_row(row: sqlite3.Row) -> KnowledgeDocument:
+    return {
+        "doc_id": row["doc_id"],
+        "category": row["category"],
+        "title": row["title"],
+        "metadata": json.loads(row["metadata"]),
+        "chunk_count": row["chunk_count"],
+        "created_at": _dt(row["created_at"]),  # type: ignore[typeddict-item]
+        "updated_at": _dt(row["updated_at"]),  # type: ignore[typeddict-item]
+    }
+
+
+def _contract_error(exc: sqlite3.Error) -> MemoryDriverError:
+    message = str(exc)
+    if "no such table" in message or "no such column" in message:
+        return SchemaNotMigratedError(f"the SQLite schema is missing or outdated ({message}): "
+                                      "run `python migrate.py`")
+    if "locked" in message or "busy" in message:
+        return BackendUnavailableError(f"the SQLite database stayed locked by another writer "
+                                       f"past busy_timeout ({message})")
+    return BackendUnavailableError(f"SQLite error: {message}")

@@ -1,0 +1,100 @@
+"""How recall ranks: fusion of vector and keyword candidates, plus an importance term.
+
+Every driver that ranks on its own side (sqlite, pgvector) calls ``fuse`` so that the same query
+ranks the same way whatever the backend. The inputs, per candidate:
+
+- ``vector``: cosine similarity of the query and memory vectors, clipped to 0..1 (for normalised
+  MiniLM vectors unrelated texts sit near 0.0-0.2, paraphrases above 0.6).
+- ``keyword``: the backend's keyword relevance (SQLite FTS5 bm25 negated, so higher is better),
+  divided by the best keyword score of this query's candidates. bm25 has no fixed scale (it grows
+  with query length and term rarity), so only its ratio to the best match of the same query carries
+  meaning across queries.
+- ``importance``: the memory's importance in 0..1 (0.5 unless the agent said otherwise).
+
+The fused score is the weighted mean ``(wv*vector + wk*keyword + wi*importance) / (wv+wk+wi)``,
+so it stays in 0..1, higher is better. Candidates come from both sides (the union of the best
+vector and the best keyword matches, ``candidate_depth`` of each) and every candidate gets both
+scores where the backend can compute them, so a memory that is found by one side alone is not
+punished for the other side's cut-off.
+
+Defaults (``DEFAULT_WEIGHTS``): vector 0.7, keyword 0.3, importance 0.05. Dense similarity
+carries paraphrase ("ui preferences" ~ "prefers dark mode"); the keyword term lifts exact names,
+numbers and rare words that MiniLM blurs; importance only separates near-ties. These are starting
+values; the retrieval benchmark (``bench/``) is where they are tuned.
+
+Ties are broken by the newest memory first (``rank``). ``use_vector=False`` ranks by the keyword
+score alone, normalised the same way (the best match scores 1.0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    """Weights of the fused score's terms; all non-negative, not all zero."""
+
+    vector: float = 0.7
+    keyword: float = 0.3
+    importance: float = 0.05
+
+    def __post_init__(self) -> None:
+        terms = (self.vector, self.keyword, self.importance)
+        if any(weight < 0 for weight in terms) or sum(terms) <= 0:
+            raise ValueError("fusion weights must be non-negative and not all zero")
+
+
+DEFAULT_WEIGHTS = FusionWeights()
+
+#: How many candidates each side contributes, at least; more when top_k is large.
+MIN_CANDIDATE_DEPTH = 50
+
+
+def candidate_depth(top_k: int) -> int:
+    """How many vector and how many keyword candidates to fetch for a recall of ``top_k``."""
+    return max(MIN_CANDIDATE_DEPTH, 4 * top_k)
+
+
+def normalise_keyword_scores(raw: Mapping[K, float]) -> dict[K, float]:
+    """Scale keyword scores (higher is better, >= 0) so that the best candidate has 1.0."""
+    best = max(raw.values(), default=0.0)
+    if best <= 0:
+        return {key: 0.0 for key in raw}
+    return {key: max(0.0, score) / best for key, score in raw.items()}
+
+
+def fuse(
+    vector: Mapping[K, float],
+    keyword: Mapping[K, float],
+    importance: Mapping[K, float],
+    weights: FusionWeights = DEFAULT_WEIGHTS,
+) -> dict[K, float]:
+    """The fused score in 0..1 of every candidate in ``vector`` or ``keyword``.
+
+    ``vector`` holds cosine similarities, ``keyword`` raw keyword scores (higher is better);
+    a candidate missing from one side scores 0 on it. ``importance`` defaults to 0.5.
+    """
+    keyword_norm = normalise_keyword_scores(keyword)
+    total = weights.vector + weights.keyword + weights.importance
+    fused: dict[K, float] = {}
+    for key in vector.keys() | keyword.keys():
+        cosine = min(1.0, max(0.0, vector.get(key, 0.0)))
+        score = (
+            weights.vector * cosine
+            + weights.keyword * keyword_norm.get(key, 0.0)
+            + weights.importance * importance.get(key, 0.5)
+        )
+        fused[key] = min(1.0, score / total)
+    return fused
+
+
+def rank(scores: Mapping[K, float], recency: Mapping[K, float], top_k: int) -> list[tuple[K, float]]:
+    """The ``top_k`` best (key, score) pairs, best first, ties broken by the larger recency value."""
+    ordered = sorted(scores.items(), key=lambda item: (item[1], recency.get(item[0], 0.0)),
+                     reverse=True)
+    return ordered[:top_k]

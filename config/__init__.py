@@ -1,0 +1,1 @@
+"""Configuration: ``config.settings`` reads the environment and ``.env``."""

@@ -1,0 +1,120 @@
+"""Settings, read once from the environment (and a ``.env`` file) when first asked for.
+
+Reading is lazy so that tests and embedding applications can set the environment first;
+``reset_settings()`` forgets the cached values. A ``.env`` file in the working directory is loaded
+without overriding variables that are already set. Every variable is listed, with its default, in
+``.env.example``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+_lock = threading.Lock()
+_cached: Settings | None = None
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the memory layer. Build with ``Settings.from_env()`` or ``get_settings()``."""
+
+    app_env: str = "local"
+    memory_driver: str = "sqlite"
+    sqlite_path: str = "storage/memory.sqlite3"
+    sqlite_busy_timeout_ms: int = 5_000
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/memory"
+    automem_url: str = "http://127.0.0.1:8001"
+    automem_api_token: str = ""
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_batch_size: int = 64
+    query_cache_size: int = 1_024
+    vector_cache_max_vectors: int = 2_000_000
+    soft_delete_retention_days: float = 30.0
+
+    @property
+    def is_production(self) -> bool:
+        return self.app_env.lower() == "production"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: ``os.environ``), falling back to the defaults."""
+        source = os.environ if env is None else env
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            return source.get(name, "").strip() or default
+
+        def number(name: str, default: float, kind: type = int) -> float:
+            raw = source.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name} must be a {kind.__name__} (got {raw!r})") from None
+            if value < 0:
+                raise SettingsError(f"{name} must not be negative (got {raw!r})")
+            return value
+
+        return cls(
+            app_env=text("APP_ENV", defaults.app_env),
+            memory_driver=text("MEMORY_DRIVER", defaults.memory_driver).lower(),
+            sqlite_path=text("MEMORY_SQLITE_PATH", defaults.sqlite_path),
+            sqlite_busy_timeout_ms=int(
+                number("MEMORY_SQLITE_BUSY_TIMEOUT_MS", defaults.sqlite_busy_timeout_ms)
+            ),
+            database_url=text("DATABASE_URL", defaults.database_url),
+            automem_url=text("AUTOMEM_URL", text("AUTOMEM_ENDPOINT", defaults.automem_url)),
+            automem_api_token=text("AUTOMEM_API_TOKEN", text("AUTOMEM_API_KEY", "")),
+            embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
+            embedding_batch_size=int(
+                number("MEMORY_EMBEDDING_BATCH_SIZE", defaults.embedding_batch_size)
+            ) or 1,
+            query_cache_size=int(number("MEMORY_QUERY_CACHE_SIZE", defaults.query_cache_size)),
+            vector_cache_max_vectors=int(
+                number("MEMORY_VECTOR_CACHE_MAX_VECTORS", defaults.vector_cache_max_vectors)
+            ),
+            soft_delete_retention_days=float(
+                number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
+                       float)
+            ),
+        )
+
+    def __repr__(self) -> str:
+        # Secrets stay out of logs and tracebacks that print the settings.
+        return (
+            f"Settings(app_env={self.app_env!r}, memory_driver={self.memory_driver!r}, "
+            f"sqlite_path={self.sqlite_path!r}, embedding_model={self.embedding_model!r})"
+        )
+
+
+def get_settings() -> Settings:
+    """The process's settings: ``.env`` and the environment, read on the first call."""
+    global _cached
+    with _lock:
+        if _cached is None:
+            _load_dotenv()
+            _cached = Settings.from_env()
+        return _cached
+
+
+def reset_settings() -> None:
+    """Forget the cached settings; the next ``get_settings()`` reads the environment again."""
+    global _cached
+    with _lock:
+        _cached = None
+
+
+def _load_dotenv() -> None:
+    env_file = Path.cwd() / ".env"
+    if env_file.is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(env_file, override=False)

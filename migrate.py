@@ -1,0 +1,92 @@
+"""Laravel-style schema runner: ``python migrate.py [command] [--database NAME] [options]``.
+
+Commands: ``migrate`` (default; run pending migrations as one batch), ``fresh`` (drop every table,
+migrate), ``rollback [--step N]`` (undo the last batch, or the last N migrations), ``reset`` (undo
+every migration), ``refresh`` (reset, then migrate), ``status`` (ran and pending).
+``--database`` defaults to ``MEMORY_DRIVER``. In ``APP_ENV=production`` the destructive commands
+(fresh, rollback, reset, refresh) refuse to run without ``--force``. ``--pretend`` prints the SQL
+and changes nothing. Exit status: 0 on success, 1 on failure or refusal, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from app.core.database.migrator import (
+    MigrationError,
+    Migrator,
+    SqliteMigrationDatabase,
+    migrations_dir,
+)
+from config.settings import get_settings
+
+COMMANDS = ("migrate", "fresh", "rollback", "reset", "refresh", "status")
+DESTRUCTIVE = {"fresh", "rollback", "reset", "refresh"}
+DATABASES = ("sqlite", "automem")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migrate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", default="migrate", choices=COMMANDS)
+    parser.add_argument("--database", choices=DATABASES,
+                        help="which database to migrate (default: MEMORY_DRIVER)")
+    parser.add_argument("--path", help="SQLite file (default: MEMORY_SQLITE_PATH)")
+    parser.add_argument("--step", type=int, help="rollback: how many migrations to undo")
+    parser.add_argument("--force", action="store_true",
+                        help="allow destructive commands when APP_ENV=production")
+    parser.add_argument("--pretend", action="store_true", help="print the SQL, change nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    database = args.database or settings.memory_driver
+    if database == "automem":
+        print("The AutoMem service owns its storage: there is nothing to migrate here.")
+        return 0
+    if database not in DATABASES:
+        print(f"error: no migrations for database {database!r} "
+              f"(choose --database from {', '.join(DATABASES)})", file=sys.stderr)
+        return 2
+    if args.step is not None and (args.command != "rollback" or args.step < 1):
+        print("error: --step takes a whole number of 1 or more, with rollback", file=sys.stderr)
+        return 2
+    if args.command in DESTRUCTIVE and settings.is_production and not args.force:
+        print(f"error: APP_ENV=production: `{args.command}` destroys data; "
+              "add --force to run it anyway", file=sys.stderr)
+        return 1
+
+    db = SqliteMigrationDatabase(args.path or settings.sqlite_path,
+                                 busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    migrator = Migrator(db, migrations_dir(database))
+    try:
+        return _run(migrator, args)
+    except MigrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+
+
+def _run(migrator: Migrator, args: argparse.Namespace) -> int:
+    if args.command == "status":
+        rows = migrator.status()
+        if not rows:
+            print("No migrations found.")
+        width = max((len(row.name) for row in rows), default=0)
+        for row in rows:
+            state = f"Ran (batch {row.batch})" if row.ran else "Pending"
+            print(f"{row.name.ljust(width)}  {state}")
+        return 0
+    if args.command == "rollback":
+        migrator.rollback(step=args.step, pretend=args.pretend)
+    else:
+        getattr(migrator, args.command)(pretend=args.pretend)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
