@@ -5,10 +5,12 @@ ranks the same way whatever the backend. The inputs, per candidate:
 
 - ``vector``: cosine similarity of the query and memory vectors, clipped to 0..1 (for normalised
   MiniLM vectors unrelated texts sit near 0.0-0.2, paraphrases above 0.6).
-- ``keyword``: the backend's keyword relevance (SQLite FTS5 bm25 negated, so higher is better),
-  divided by the best keyword score of this query's candidates. bm25 has no fixed scale (it grows
-  with query length and term rarity), so only its ratio to the best match of the same query carries
-  meaning across queries.
+- ``keyword``: the backend's keyword relevance as a coverage of the query in 0..1. bm25 has no
+  fixed scale (it grows with query length and term rarity), so the SQLite driver divides a match's
+  bm25 by the bm25 of an ideal match (every query term once, at average length: the sum of the
+  terms' idf). Dividing by the best match of the same query instead was tried and rejected: a
+  memory sharing one common word with the query ("work") got full keyword credit and beat a
+  memory that answers the query in other words.
 - ``importance``: the memory's importance in 0..1 (0.5 unless the agent said otherwise).
 
 The fused score is the weighted mean ``(wv*vector + wk*keyword + wi*importance) / (wv+wk+wi)``,
@@ -22,8 +24,9 @@ carries paraphrase ("ui preferences" ~ "prefers dark mode"); the keyword term li
 numbers and rare words that MiniLM blurs; importance only separates near-ties. These are starting
 values; the retrieval benchmark (``bench/``) is where they are tuned.
 
-Ties are broken by the newest memory first (``rank``). ``use_vector=False`` ranks by the keyword
-score alone, normalised the same way (the best match scores 1.0).
+Query words on a short English stop-word list are not matched unless the query has no other
+words. Ties are broken by the newest memory first (``rank``). ``use_vector=False`` ranks by the
+keyword coverage alone.
 """
 
 from __future__ import annotations
@@ -60,14 +63,6 @@ def candidate_depth(top_k: int) -> int:
     return max(MIN_CANDIDATE_DEPTH, 4 * top_k)
 
 
-def normalise_keyword_scores(raw: Mapping[K, float]) -> dict[K, float]:
-    """Scale keyword scores (higher is better, >= 0) so that the best candidate has 1.0."""
-    best = max(raw.values(), default=0.0)
-    if best <= 0:
-        return {key: 0.0 for key in raw}
-    return {key: max(0.0, score) / best for key, score in raw.items()}
-
-
 def fuse(
     vector: Mapping[K, float],
     keyword: Mapping[K, float],
@@ -76,17 +71,16 @@ def fuse(
 ) -> dict[K, float]:
     """The fused score in 0..1 of every candidate in ``vector`` or ``keyword``.
 
-    ``vector`` holds cosine similarities, ``keyword`` raw keyword scores (higher is better);
-    a candidate missing from one side scores 0 on it. ``importance`` defaults to 0.5.
+    ``vector`` holds cosine similarities, ``keyword`` keyword coverages in 0..1; a candidate
+    missing from one side scores 0 on it. ``importance`` defaults to 0.5.
     """
-    keyword_norm = normalise_keyword_scores(keyword)
     total = weights.vector + weights.keyword + weights.importance
     fused: dict[K, float] = {}
     for key in vector.keys() | keyword.keys():
         cosine = min(1.0, max(0.0, vector.get(key, 0.0)))
         score = (
             weights.vector * cosine
-            + weights.keyword * keyword_norm.get(key, 0.0)
+            + weights.keyword * min(1.0, max(0.0, keyword.get(key, 0.0)))
             + weights.importance * importance.get(key, 0.5)
         )
         fused[key] = min(1.0, score / total)

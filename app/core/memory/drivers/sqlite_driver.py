@@ -810,7 +810,7 @@ def _rank(candidates: dict[int, search.Candidate], top_k: int, *,
         scores = ranking.fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
                               {pk: c.importance for pk, c in candidates.items()})
     else:
-        scores = ranking.normalise_keyword_scores(keyword)
+        scores = keyword
     return ranking.rank(scores, {pk: c.recency for pk, c in candidates.items()}, top_k)
 
 

@@ -12,6 +12,7 @@ word tokens, so FTS syntax in a query (``" * - NEAR OR ( )``) is searched for, n
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 from collections.abc import Sequence
@@ -27,6 +28,18 @@ from app.core.memory.validation import RecallFilters
 SMALL_SCOPE = 5_000
 _MAX_QUERY_TOKENS = 64
 _TOKEN = re.compile(r"\w+", re.UNICODE)
+
+#: Words too common to say what a query is about (English; they still match when a query has
+#: nothing else).
+STOP_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further had
+has have having he her here hers herself him himself his how i if in into is it its itself just
+me more most my myself no nor not now of off on once only or other our ours ourselves out over
+own same she should so some such than that the their theirs them themselves then there these
+they this those through to too under until up very was we were what when where which while who
+whom why will with would you your yours yourself yourselves
+""".split())
 
 
 @dataclass(frozen=True)
@@ -104,29 +117,55 @@ def knowledge_scope(category: str | None) -> Scope:
     return Scope("d.category = ?", (category,), narrows=True)
 
 
-def fts_match_expression(text: str) -> str | None:
-    """An FTS5 query matching any word of ``text``; ``None`` when it has no words."""
-    tokens = list(dict.fromkeys(token.lower() for token in _TOKEN.findall(text)))
-    if not tokens:
-        return None
-    return " OR ".join(f'"{token}"' for token in tokens[:_MAX_QUERY_TOKENS])
+def query_terms(text: str) -> list[str]:
+    """The distinct words of ``text`` worth matching: stop words dropped unless nothing is left."""
+    words = list(dict.fromkeys(token.lower() for token in _TOKEN.findall(text)))
+    content = [word for word in words if word not in STOP_WORDS]
+    return (content or words)[:_MAX_QUERY_TOKENS]
+
+
+def fts_match_expression(terms: Sequence[str]) -> str:
+    """An FTS5 query matching any of ``terms``, each quoted so that it is only ever a word."""
+    return " OR ".join(f'"{term}"' for term in terms)
 
 
 def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, text: str,
                        depth: int) -> dict[int, Candidate]:
-    """The ``depth`` best bm25 matches of ``text`` within ``scope``; ``keyword`` is -bm25."""
-    expression = fts_match_expression(text)
-    if expression is None:
+    """The ``depth`` best bm25 matches of ``text`` within ``scope``.
+
+    ``keyword`` is the match's coverage of the query in 0..1: its bm25 divided by the bm25 a
+    document would earn by holding every query term once at average length (the sum of the
+    terms' idf). Unlike dividing by the best match of the query, this stays low when the best
+    match shares only a common word with the query.
+    """
+    terms = query_terms(text)
+    if not terms:
         return {}
+    ideal = _ideal_bm25(conn, corpus, terms)
     rows = conn.execute(
         f"SELECT m.pk, -bm25({corpus.fts}), {corpus.importance}, {corpus.recency} "
         f"FROM {corpus.source} JOIN {corpus.fts} ON {corpus.fts}.rowid = m.pk "
         f"WHERE {corpus.fts} MATCH ? AND {scope.sql} "
         f"ORDER BY bm25({corpus.fts}) LIMIT ?",
-        (expression, *scope.params, depth),
+        (fts_match_expression(terms), *scope.params, depth),
     ).fetchall()
-    return {pk: Candidate(pk, importance, recency, keyword=max(0.0, score))
+    return {pk: Candidate(pk, importance, recency, keyword=min(1.0, max(0.0, score) / ideal))
             for pk, score, importance, recency in rows}
+
+
+def _ideal_bm25(conn: sqlite3.Connection, corpus: Corpus, terms: Sequence[str]) -> float:
+    # FTS5's own idf: log((N - n + 0.5) / (n + 0.5)), floored at 1e-6. N is the table's highest
+    # pk (O(1), and close enough: deleted rows only nudge every idf alike).
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (corpus.table,)).fetchone()
+    total = row[0] if row else 0
+    ideal = 0.0
+    for term in terms:
+        (matching,) = conn.execute(
+            f"SELECT COUNT(*) FROM {corpus.fts} WHERE {corpus.fts} MATCH ?",
+            (fts_match_expression([term]),),
+        ).fetchone()
+        ideal += max(1e-6, math.log((total - matching + 0.5) / (matching + 0.5)))
+    return ideal
 
 
 def sync_space(conn: sqlite3.Connection, corpus: Corpus, space: VectorSpace, space_name: str,

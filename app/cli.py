@@ -1,0 +1,264 @@
+"""The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
+
+Commands: store, recall, get, delete, restore, knowledge add|search|delete, health, stats,
+users create|show, demo. Output is for people by default; ``--json`` prints one JSON document
+instead. Exit status: 0 success; 1 not found, backend down or a failed check; 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from app.core.memory import get_memory_driver
+from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.errors import InvalidInputError, MemoryDriverError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+DEMO_USER = "demo_user"
+DEMO_MEMORIES = [
+    ("theme", "Prefers dark mode in every editor and terminal", ["preference"]),
+    ("language", "Writes most services in Python and some tooling in Go", ["skills"]),
+    ("home", "Lives in Lisbon and cycles to work along the river", ["personal"]),
+    ("diet", "Is vegetarian and allergic to peanuts", ["health"]),
+    ("meetings", "Wants meeting notes summarised as three bullet points", ["preference"]),
+    ("project", "Is migrating the billing service from MySQL to PostgreSQL", ["work"]),
+]
+DEMO_QUERIES = ["what theme does the user like?", "any food allergies?", "what database are they migrating to?"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="The agent memory layer.")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--driver", help="driver name (default: MEMORY_DRIVER)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    store = commands.add_parser("store", help="store a memory")
+    store.add_argument("user_id")
+    store.add_argument("content")
+    _add_scope_options(store)
+    store.add_argument("--key", help="upsert key: replaces the memory with the same key")
+    store.add_argument("--importance", type=float, default=0.5)
+    store.add_argument("--ttl", type=float, help="seconds until the memory expires")
+    store.add_argument("--metadata", type=_json_object, help="a JSON object")
+    store.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
+
+    recall = commands.add_parser("recall", help="recall a user's memories")
+    recall.add_argument("user_id")
+    recall.add_argument("query", nargs="?", help="what to look for (none: newest first)")
+    _add_scope_options(recall)
+    recall.add_argument("--top-k", type=int, default=10)
+    recall.add_argument("--tag", action="append", dest="tags", help="must carry (repeatable)")
+    recall.add_argument("--exclude-tag", action="append", dest="exclude_tags",
+                        help="must not carry (repeatable)")
+    recall.add_argument("--keyword-only", action="store_true", help="no vector search")
+
+    for verb, text in (("get", "show one memory"), ("delete", "soft-delete a memory"),
+                       ("restore", "undo a soft delete")):
+        sub = commands.add_parser(verb, help=text)
+        sub.add_argument("memory_id")
+        sub.add_argument("--user", dest="user_id", help="act only on this user's memory")
+
+    knowledge = commands.add_parser("knowledge", help="global knowledge").add_subparsers(
+        dest="knowledge_command", required=True)
+    add = knowledge.add_parser("add", help="store a document from a file or stdin")
+    add.add_argument("file", nargs="?", default="-", help="a text file, or - for stdin")
+    add.add_argument("--category", required=True)
+    add.add_argument("--title")
+    add.add_argument("--doc-id", help="re-using a doc id replaces that document")
+    add.add_argument("--metadata", type=_json_object, help="a JSON object")
+    found = knowledge.add_parser("search", help="search the knowledge")
+    found.add_argument("query")
+    found.add_argument("--top-k", type=int, default=5)
+    found.add_argument("--category")
+    remove = knowledge.add_parser("delete", help="delete a document")
+    remove.add_argument("doc_id")
+
+    commands.add_parser("health", help="check the backend")
+    stats = commands.add_parser("stats", help="counts")
+    stats.add_argument("--user", dest="user_id")
+
+    users = commands.add_parser("users", help="user records").add_subparsers(
+        dest="users_command", required=True)
+    create = users.add_parser("create", help="create a user (id generated unless given)")
+    create.add_argument("--id", dest="user_id")
+    create.add_argument("--name", dest="display_name")
+    show = users.add_parser("show", help="show a user with stats")
+    show.add_argument("user_id")
+
+    commands.add_parser("demo", help="store a few memories for demo_user and recall them")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        driver = get_memory_driver(args.driver)
+        return _dispatch(driver, args)
+    except InvalidInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryDriverError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "store":
+        memory = driver.store(
+            args.user_id, args.content, args.conversation_id, args.tags, args.metadata,
+            agent_id=args.agent_id, namespace=args.namespace or "default", key=args.key,
+            importance=args.importance, ttl=args.ttl,
+        )
+        return _emit(args, memory, lambda: f"stored {memory['id']}")
+    if command == "recall":
+        memories = driver.recall(
+            args.user_id, args.conversation_id, args.query, args.top_k,
+            not args.keyword_only, args.exclude_tags, agent_id=args.agent_id,
+            namespace=args.namespace, tags=args.tags,
+        )
+        return _emit(args, memories, lambda: _memory_lines(memories))
+    if command in ("get", "delete", "restore"):
+        return _by_id(driver, args)
+    if command == "knowledge":
+        return _knowledge(driver, args)
+    if command == "health":
+        report = driver.health_check()
+        _emit(args, report, lambda: _health_lines(report))
+        return EXIT_OK if report["status"] == "ok" else EXIT_FAILED
+    if command == "stats":
+        result = driver.stats(args.user_id)
+        return _emit(args, result, lambda: json.dumps(result, indent=2, default=_json_default))
+    if command == "users":
+        if args.users_command == "create":
+            user = driver.create_user(args.user_id, display_name=args.display_name)
+            return _emit(args, user, lambda: f"created {user['user_id']}")
+        shown = driver.get_user(args.user_id)
+        if shown is None:
+            return _not_found(args, f"no user {args.user_id}")
+        return _emit(args, shown, lambda: json.dumps(shown, indent=2, default=_json_default))
+    return _demo(driver, args)
+
+
+def _by_id(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    if args.command == "get":
+        memory = driver.get(args.memory_id, args.user_id)
+        if memory is None:
+            return _not_found(args, f"no memory {args.memory_id}")
+        return _emit(args, memory, lambda: _memory_lines([memory]))
+    done = getattr(driver, args.command)(args.memory_id, args.user_id)
+    if not done:
+        return _not_found(args, f"no memory {args.memory_id} to {args.command}")
+    return _emit(args, {"id": args.memory_id, args.command + "d": True},
+                 lambda: f"{args.command}d {args.memory_id}")
+
+
+def _knowledge(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    if args.knowledge_command == "add":
+        text = _read_source(args.file)
+        document = driver.store_global_knowledge(text, args.category, args.title, args.doc_id,
+                                                 args.metadata)
+        return _emit(args, document, lambda: f"stored {document['doc_id']} "
+                                             f"({document['chunk_count']} chunks)")
+    if args.knowledge_command == "search":
+        found = driver.recall_global_knowledge(args.query, args.top_k, args.category)
+        return _emit(args, found, lambda: "\n".join(
+            f"{item['score']:.3f}  {item['id']}  {_shorten(item['content'])}" for item in found
+        ) or "no knowledge found")
+    if not driver.delete_knowledge(args.doc_id):
+        return _not_found(args, f"no document {args.doc_id}")
+    return _emit(args, {"doc_id": args.doc_id, "deleted": True},
+                 lambda: f"deleted {args.doc_id}")
+
+
+def _demo(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    """Store the demo memories (upserts by key, so re-running adds nothing) and recall them."""
+    driver.store_many([
+        {"user_id": DEMO_USER, "content": content, "key": key, "tags": tags}
+        for key, content, tags in DEMO_MEMORIES
+    ])
+    results = {query: driver.recall(DEMO_USER, query=query, top_k=2) for query in DEMO_QUERIES}
+    if args.json:
+        return _emit(args, results, lambda: "")
+    print(f"Stored {len(DEMO_MEMORIES)} memories for {DEMO_USER} with {driver.name}.")
+    for query, memories in results.items():
+        print(f"\nrecall({DEMO_USER!r}, query={query!r}, top_k=2):")
+        print(_memory_lines(memories))
+    return EXIT_OK
+
+
+def _add_scope_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conversation", dest="conversation_id")
+    parser.add_argument("--agent", dest="agent_id")
+    parser.add_argument("--namespace")
+
+
+def _emit(args: argparse.Namespace, value: Any, human: Any) -> int:
+    if args.json:
+        print(json.dumps(value, indent=2, default=_json_default, ensure_ascii=False))
+    else:
+        print(human())
+    return EXIT_OK
+
+
+def _not_found(args: argparse.Namespace, message: str) -> int:
+    if args.json:
+        print(json.dumps({"error": "not_found", "message": message}))
+    else:
+        print(message, file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _memory_lines(memories: list[Any]) -> str:
+    if not memories:
+        return "no memories found"
+    lines = []
+    for memory in memories:
+        score = f"{memory['score']:.3f}  " if "score" in memory else ""
+        tags = f"  [{', '.join(memory['tags'])}]" if memory["tags"] else ""
+        lines.append(f"{score}{memory['id']}  {_shorten(memory['content'])}{tags}")
+    return "\n".join(lines)
+
+
+def _health_lines(report: Any) -> str:
+    lines = [f"{report['driver']}: {report['status']} ({report['latency_ms']} ms)"]
+    for name, check in report["checks"].items():
+        lines.append(f"  {name}: {json.dumps(check, default=_json_default)}")
+    return "\n".join(lines)
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _read_source(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        with open(name, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"file must be a readable UTF-8 text file ({exc})") from exc
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
