@@ -8,6 +8,7 @@ safe against corruption with WAL). Autocommit mode: transactions are explicit ``
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 MEMORY_DATABASE = ":memory:"
@@ -28,7 +29,22 @@ def open_sqlite(path: str | Path, *, busy_timeout_ms: int = 5_000) -> sqlite3.Co
     )
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if location != MEMORY_DATABASE:
-        connection.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(connection, busy_timeout_ms)
     connection.execute("PRAGMA foreign_keys = ON")
     connection.execute("PRAGMA synchronous = NORMAL")
     return connection
+
+
+def _enable_wal(connection: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    # Switching a new file to WAL needs a moment of exclusive access, and SQLite answers "database
+    # is locked" at once, without its busy handler, when two processes open a new file together.
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -115,7 +115,8 @@ class SqliteDriver(BaseMemoryDriver):
 
     def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
                  busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
-                 vector_cache_max_vectors: int = 2_000_000) -> None:
+                 vector_cache_max_vectors: int = 2_000_000,
+                 weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS) -> None:
         if str(path) == MEMORY_DATABASE:
             raise InvalidInputError(
                 "path must be a file: each thread opens its own connection, and ':memory:' would "
@@ -126,6 +127,7 @@ class SqliteDriver(BaseMemoryDriver):
         self._busy_timeout_ms = busy_timeout_ms
         self._retention = retention
         self._vector_cache_max = vector_cache_max_vectors
+        self._weights = weights
         self._vectors: VectorCache | None = None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -193,7 +195,8 @@ class SqliteDriver(BaseMemoryDriver):
                 candidates = self._candidates(conn, search.MEMORIES, scope, text, query_vector,
                                               f"memory:{filters.user_id}", top_k,
                                               (filters.user_id,))
-                ranked = _rank(candidates, top_k, use_vector=query_vector is not None)
+                ranked = _rank(candidates, top_k, self._weights,
+                               use_vector=query_vector is not None)
                 rows = self._memory_rows(conn, [pk for pk, _ in ranked])
         memories = _ordered_memories(rows, dict(ranked))
         self._record_access(memories, now)
@@ -211,7 +214,7 @@ class SqliteDriver(BaseMemoryDriver):
         with self._read() as conn:
             candidates = self._candidates(conn, search.KNOWLEDGE, scope, text, query_vector,
                                           "knowledge", top_k, ())
-            ranked = _rank(candidates, top_k, use_vector=True)
+            ranked = _rank(candidates, top_k, self._weights, use_vector=True)
             rows = conn.execute(
                 "SELECT m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, "
                 "d.metadata, d.updated_at FROM knowledge_chunks m "
@@ -803,12 +806,12 @@ class SqliteDriver(BaseMemoryDriver):
 # -- module helpers -------------------------------------------------------------------------
 
 
-def _rank(candidates: dict[int, search.Candidate], top_k: int, *,
-          use_vector: bool) -> list[tuple[int, float]]:
+def _rank(candidates: dict[int, search.Candidate], top_k: int, weights: ranking.FusionWeights,
+          *, use_vector: bool) -> list[tuple[int, float]]:
     keyword = {pk: c.keyword for pk, c in candidates.items() if c.keyword > 0}
     if use_vector:
         scores = ranking.fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
-                              {pk: c.importance for pk, c in candidates.items()})
+                              {pk: c.importance for pk, c in candidates.items()}, weights)
     else:
         scores = keyword
     return ranking.rank(scores, {pk: c.recency for pk, c in candidates.items()}, top_k)
