@@ -29,7 +29,11 @@ DEMO_MEMORIES = [
     ("meetings", "Wants meeting notes summarised as three bullet points", ["preference"]),
     ("project", "Is migrating the billing service from MySQL to PostgreSQL", ["work"]),
 ]
-DEMO_QUERIES = ["what theme does the user like?", "any food allergies?", "what database are they migrating to?"]
+DEMO_QUERIES = [
+    "what theme does the user like?",
+    "any food allergies?",
+    "what database are they migrating to?",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of the memory layer. Build with ``Settings.from_env()`` or ``get_settings()``."""
+    """Every setting of the memory layer; built by ``Settings.from_env()`` or ``get_settings()``."""
 
     app_env: str = "local"
     memory_driver: str = "sqlite"

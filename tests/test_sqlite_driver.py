@@ -3,8 +3,8 @@ in-memory vector copy staying exact when other connections and processes write t
 
 from __future__ import annotations
 
-import sqlite3
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -30,8 +30,8 @@ class MemoryDriverContract:
     # -- store and get --------------------------------------------------------------------------
 
     def test_store_returns_the_stored_record(self, driver: BaseMemoryDriver) -> None:
-        memory = driver.store("alice", "Prefers dark mode", "c1", ["preference"], {"source": "chat"},
-                              agent_id="helper", importance=0.8)
+        memory = driver.store("alice", "Prefers dark mode", "c1", ["preference"],
+                              {"source": "chat"}, agent_id="helper", importance=0.8)
         assert memory["id"]
         assert memory["user_id"] == "alice"
         assert memory["conversation_id"] == "c1"
@@ -47,7 +47,7 @@ class MemoryDriverContract:
         assert memory["expires_at"] is None
         for field in ("created_at", "updated_at"):
             assert memory[field].tzinfo is not None
-            assert abs((datetime.now(timezone.utc) - memory[field]).total_seconds()) < 60
+            assert abs((datetime.now(UTC) - memory[field]).total_seconds()) < 60
         assert driver.get(memory["id"]) == memory
 
     def test_get_answers_none_for_unknown_and_for_other_users_ids(
@@ -291,7 +291,7 @@ class MemoryDriverContract:
         assert driver.update(short["id"], "alice", content="x") is None
 
     def test_expires_at_in_the_past_is_stored_but_invisible(self, driver: BaseMemoryDriver) -> None:
-        past = datetime.now(timezone.utc) - timedelta(seconds=1)
+        past = datetime.now(UTC) - timedelta(seconds=1)
         memory = driver.store("alice", "already expired", expires_at=past)
         assert driver.get(memory["id"]) is None
 
@@ -487,7 +487,7 @@ class MemoryDriverContract:
             (lambda d: d.store("alice", "x", expires_at=datetime(2030, 1, 1)), "expires_at"),
             (lambda d: d.store("alice", "x", expires_at="2030-01-01"), "expires_at"),
             (lambda d: d.store("alice", "x", ttl=5,
-                               expires_at=datetime(2030, 1, 1, tzinfo=timezone.utc)), "ttl"),
+                               expires_at=datetime(2030, 1, 1, tzinfo=UTC)), "ttl"),
             (lambda d: d.store_many("not a list"), "items"),
             (lambda d: d.store_many([{"user_id": "alice"}]), "items[0]"),
             (lambda d: d.store_many([{"user_id": "alice", "content": "x", "bogus": 1}]),

@@ -67,8 +67,8 @@ class SentenceTransformerEmbedder:
     def dimension(self) -> int:
         model = self._loaded()
         # sentence-transformers 5.x renamed the method; keep working with both spellings.
-        measure = getattr(model, "get_embedding_dimension", None) or getattr(
-            model, "get_sentence_embedding_dimension")
+        measure = getattr(model, "get_embedding_dimension", None)
+        measure = measure or model.get_sentence_embedding_dimension
         return int(measure())
 
     @property

@@ -85,7 +85,7 @@ class MemoryDriverManager:
 
     @classmethod
     def reset_cache(cls) -> None:
-        """Close every created driver (pools, clients, connections) and forget it and the default."""
+        """Close every created driver (pools, clients, connections); forget them and the default."""
         with cls._lock:
             instances = list(cls._instances.values())
             cls._instances.clear()

@@ -87,8 +87,10 @@ def fuse(
     return fused
 
 
-def rank(scores: Mapping[K, float], recency: Mapping[K, float], top_k: int) -> list[tuple[K, float]]:
-    """The ``top_k`` best (key, score) pairs, best first, ties broken by the larger recency value."""
+def rank(
+    scores: Mapping[K, float], recency: Mapping[K, float], top_k: int
+) -> list[tuple[K, float]]:
+    """The ``top_k`` best (key, score) pairs, best first; ties go to the larger recency."""
     ordered = sorted(scores.items(), key=lambda item: (item[1], recency.get(item[0], 0.0)),
                      reverse=True)
     return ordered[:top_k]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.core.memory.errors import InvalidInputError
@@ -72,7 +72,8 @@ def check_text(value: Any, name: str, *, max_chars: int, allow_empty: bool = Fal
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise _fail(name, "valid unicode text (no lone surrogates)", None, show_value=False) from exc
+        raise _fail(name, "valid unicode text (no lone surrogates)", None,
+                    show_value=False) from exc
     return value
 
 
@@ -188,7 +189,7 @@ def check_aware_datetime(value: Any, name: str) -> datetime:
         raise _fail(name, "a datetime", value)
     if value.tzinfo is None or value.utcoffset() is None:
         raise _fail(name, "timezone-aware (e.g. datetime.now(timezone.utc))", value)
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def check_expiry(ttl: Any, expires_at: Any, now: datetime) -> datetime | None:
@@ -320,7 +321,8 @@ def prepare_store_many(items: Any, *, now: datetime) -> list[MemoryDraft]:
             raise _fail(f"items[{index}]", "a dict of store() arguments", item)
         unknown = set(item) - _STORE_FIELDS
         if unknown:
-            raise InvalidInputError(f"items[{index}] has unknown fields: {sorted(map(str, unknown))}")
+            fields = sorted(map(str, unknown))
+            raise InvalidInputError(f"items[{index}] has unknown fields: {fields}")
         if "user_id" not in item or "content" not in item:
             raise InvalidInputError(f"items[{index}] must have user_id and content")
         try:

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -66,8 +66,8 @@ from app.core.memory.validation import (
     MAX_QUERY_CHARS,
     MAX_TITLE_CHARS,
     MemoryDraft,
-    RecallFilters,
     check_bool,
+    check_cursor,
     check_id,
     check_json_object,
     check_metadata,
@@ -76,7 +76,6 @@ from app.core.memory.validation import (
     check_query,
     check_text,
     check_top_k,
-    check_cursor,
     prepare_changes,
     prepare_filters,
     prepare_store,
@@ -292,7 +291,7 @@ class SqliteDriver(BaseMemoryDriver):
                 "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
                 "VALUES (?, ?, ?, ?)",
                 [(document_pk, index, chunk, _blob(vector))
-                 for index, (chunk, vector) in enumerate(zip(chunks, vectors))],
+                 for index, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True))],
             )
             row = conn.execute("SELECT * FROM knowledge_documents WHERE pk = ?",
                                (document_pk,)).fetchone()
@@ -405,7 +404,7 @@ class SqliteDriver(BaseMemoryDriver):
         vectors = self._embed_documents([draft.content for draft in drafts])
         with self._write() as conn:
             pks = [self._write_memory(conn, draft, vector, now.timestamp())
-                   for draft, vector in zip(drafts, vectors)]
+                   for draft, vector in zip(drafts, vectors, strict=True)]
             rows = {row["pk"]: row for row in self._memory_rows(conn, pks)}
         return [_memory_from_row(rows[pk]) for pk in pks]
 
@@ -681,12 +680,12 @@ class SqliteDriver(BaseMemoryDriver):
                 (model, dimension, time.time()),
             )
             stored = _stored_identity(conn)
-        if stored != {"model": model, "dimension": dimension}:
+        if stored is not None and stored != {"model": model, "dimension": dimension}:
             raise EmbeddingMismatchError(
                 f"the vectors in {self.path} were made by {stored['model']} "
                 f"({stored['dimension']} dimensions) but the configured model is {model} "
-                f"({dimension} dimensions). Set MEMORY_EMBEDDING_MODEL={stored['model']}, or "
-                "re-embed the stored memories with the new model (`python -m app reembed`)."
+                f"({dimension} dimensions). Set MEMORY_EMBEDDING_MODEL={stored['model']} to keep "
+                "using them; switching models means re-embedding every stored memory."
             )
         self._identity_checked = True
 
@@ -826,11 +825,11 @@ def _check_display_name(value: Any) -> str | None:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _dt(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+    return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
 def _blob(vector: np.ndarray) -> bytes:

@@ -31,7 +31,7 @@ _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 #: Words too common to say what a query is about (English; they still match when a query has
 #: nothing else).
-STOP_WORDS = frozenset("""
+_STOP_WORD_TEXT = """
 a about above after again against all am an and any are as at be because been before being
 below between both but by can could did do does doing down during each few for from further had
 has have having he her here hers herself him himself his how i if in into is it its itself just
@@ -39,7 +39,8 @@ me more most my myself no nor not now of off on once only or other our ours ours
 own same she should so some such than that the their theirs them themselves then there these
 they this those through to too under until up very was we were what when where which while who
 whom why will with would you your yours yourself yourselves
-""".split())
+"""
+STOP_WORDS = frozenset(_STOP_WORD_TEXT.split())
 
 
 @dataclass(frozen=True)
@@ -206,18 +207,16 @@ def vector_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, sp
         if len(eligible) <= SMALL_SCOPE:
             with space.lock:
                 cosines = space.similarities_of((pk for (pk,) in eligible), query)
-            best = sorted(cosines, key=cosines.__getitem__, reverse=True)[:depth]
-            return _with_cosines(eligible_details(conn, corpus, scope, best), cosines)
+            nearest = sorted(cosines, key=cosines.__getitem__, reverse=True)[:depth]
+            return _with_cosines(eligible_details(conn, corpus, scope, nearest), cosines)
     with space.lock:
         pks, scores = space.similarities(query)
     found: dict[int, Candidate] = {}
     taken, window = 0, 2 * depth
     while len(found) < depth and taken < len(pks):
         end = min(len(pks), taken + window)
-        if end < len(pks):
-            top = np.argpartition(-scores, end - 1)[:end]
-        else:
-            top = np.arange(len(pks))
+        # The best ``end`` rows, then the ones not checked yet, best first.
+        top = np.argpartition(-scores, end - 1)[:end] if end < len(pks) else np.arange(len(pks))
         top = top[np.argsort(-scores[top], kind="stable")][taken:end]
         batch = {int(pks[i]): float(scores[i]) for i in top}
         found.update(_with_cosines(eligible_details(conn, corpus, scope, list(batch)), batch))

