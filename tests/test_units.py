@@ -138,3 +138,15 @@ def test_real_embedder_gives_normalised_384_dim_vectors(
     query = embedder.embed_query("dark mode")
     assert embedder.embed_query("dark mode") is query  # served from the query cache
     assert not query.flags.writeable
+
+
+def test_every_variable_of_env_example_is_a_setting() -> None:
+    from tests.conftest import PROJECT_ROOT
+
+    lines = (PROJECT_ROOT / ".env.example").read_text().splitlines()
+    names = [line.split("=", 1)[0] for line in lines if line and not line.startswith("#")]
+    assert "MEMORY_DRIVER" in names and "DATABASE_URL" in names
+    defaults = Settings.from_env({})
+    for name in names:
+        changed = Settings.from_env({name: "7"})
+        assert changed != defaults, f"{name} in .env.example is not read by Settings"
