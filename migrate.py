@@ -3,7 +3,9 @@
 Commands: ``migrate`` (default; run pending migrations as one batch), ``fresh`` (drop every table,
 migrate), ``rollback [--step N]`` (undo the last batch, or the last N migrations), ``reset`` (undo
 every migration), ``refresh`` (reset, then migrate), ``status`` (ran and pending).
-``--database`` defaults to ``MEMORY_DRIVER``. In ``APP_ENV=production`` the destructive commands
+``--database`` defaults to ``MEMORY_DRIVER``: ``sqlite`` migrates ``MEMORY_SQLITE_PATH`` (or
+``--path``), ``pgvector`` migrates ``DATABASE_URL`` (created if it does not exist yet), ``automem``
+has nothing to migrate. In ``APP_ENV=production`` the destructive commands
 (fresh, rollback, reset, refresh) refuse to run without ``--force``. ``--pretend`` prints the SQL
 and changes nothing. Exit status: 0 on success, 1 on failure or refusal, 2 on a usage error.
 """
@@ -15,16 +17,19 @@ import sys
 from collections.abc import Sequence
 
 from app.core.database.migrator import (
+    MigrationDatabase,
     MigrationError,
     Migrator,
     SqliteMigrationDatabase,
     migrations_dir,
 )
+from app.core.memory.errors import BackendUnavailableError, MemoryDriverError
+from config.settings import redact_url
 from config.settings import get_settings
 
 COMMANDS = ("migrate", "fresh", "rollback", "reset", "refresh", "status")
 DESTRUCTIVE = {"fresh", "rollback", "reset", "refresh"}
-DATABASES = ("sqlite", "automem")
+DATABASES = ("sqlite", "pgvector", "automem")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="migrate", choices=COMMANDS)
     parser.add_argument("--database", choices=DATABASES,
                         help="which database to migrate (default: MEMORY_DRIVER)")
-    parser.add_argument("--path", help="SQLite file (default: MEMORY_SQLITE_PATH)")
+    parser.add_argument("--path", help="sqlite: the file (default: MEMORY_SQLITE_PATH)")
     parser.add_argument("--step", type=int, help="rollback: how many migrations to undo")
     parser.add_argument("--force", action="store_true",
                         help="allow destructive commands when APP_ENV=production")
@@ -59,8 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "add --force to run it anyway", file=sys.stderr)
         return 1
 
-    db = SqliteMigrationDatabase(args.path or settings.sqlite_path,
-                                 busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    try:
+        db = _open(database, args)
+    except MemoryDriverError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     migrator = Migrator(db, migrations_dir(database))
     try:
         return _run(migrator, args)
@@ -69,6 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         db.close()
+
+
+def _open(database: str, args: argparse.Namespace) -> MigrationDatabase:
+    settings = get_settings()
+    if database == "sqlite":
+        return SqliteMigrationDatabase(args.path or settings.sqlite_path,
+                                       busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    from app.core.database.postgres_migration import PostgresMigrationDatabase
+
+    try:
+        return PostgresMigrationDatabase(settings.database_url,
+                                         create_missing=args.command != "status")
+    except Exception as exc:  # psycopg's errors: the module is imported lazily
+        raise BackendUnavailableError(
+            f"cannot connect to DATABASE_URL ({redact_url(settings.database_url)}): {exc}"
+        ) from exc
 
 
 def _run(migrator: Migrator, args: argparse.Namespace) -> int:

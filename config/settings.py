@@ -9,6 +9,7 @@ without overriding variables that are already set. Every variable is listed, wit
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,11 @@ class Settings:
     sqlite_path: str = "storage/memory.sqlite3"
     sqlite_busy_timeout_ms: int = 5_000
     database_url: str = "postgresql://postgres@127.0.0.1:5432/memory"
+    pg_pool_min_size: int = 1
+    pg_pool_max_size: int = 10
+    pg_pool_timeout: float = 5.0
+    pg_connect_timeout: float = 5.0
+    pg_exact_scan_max_rows: int = 5_000
     automem_url: str = "http://127.0.0.1:8001"
     automem_api_token: str = ""
     embedding_model: str = "all-MiniLM-L6-v2"
@@ -71,6 +77,15 @@ class Settings:
                 number("MEMORY_SQLITE_BUSY_TIMEOUT_MS", defaults.sqlite_busy_timeout_ms)
             ),
             database_url=text("DATABASE_URL", defaults.database_url),
+            pg_pool_min_size=int(number("MEMORY_PG_POOL_MIN_SIZE", defaults.pg_pool_min_size)),
+            pg_pool_max_size=int(
+                number("MEMORY_PG_POOL_MAX_SIZE", defaults.pg_pool_max_size)) or 1,
+            pg_pool_timeout=float(
+                number("MEMORY_PG_POOL_TIMEOUT", defaults.pg_pool_timeout, float)),
+            pg_connect_timeout=float(
+                number("MEMORY_PG_CONNECT_TIMEOUT", defaults.pg_connect_timeout, float)),
+            pg_exact_scan_max_rows=int(
+                number("MEMORY_PG_EXACT_SCAN_MAX_ROWS", defaults.pg_exact_scan_max_rows)),
             automem_url=text("AUTOMEM_URL", text("AUTOMEM_ENDPOINT", defaults.automem_url)),
             automem_api_token=text("AUTOMEM_API_TOKEN", text("AUTOMEM_API_KEY", "")),
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
@@ -118,3 +133,8 @@ def _load_dotenv() -> None:
         from dotenv import load_dotenv
 
         load_dotenv(env_file, override=False)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

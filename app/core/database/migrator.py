@@ -9,7 +9,8 @@ One ``migrate`` run is one batch; ``rollback`` undoes the last batch (or the las
 migrations); ``fresh`` drops every table instead of calling ``down()``. A lock held for the whole
 run keeps two runs from interleaving: the second waits, then finds nothing left to do.
 
-Backends plug in through ``MigrationDatabase`` (``SqliteMigrationDatabase`` here).
+Backends plug in through ``MigrationDatabase``: ``SqliteMigrationDatabase`` here,
+``PostgresMigrationDatabase`` in ``postgres_migration.py``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ class MigrationDatabase(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement (DDL or DML)."""
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run one statement and return its rows."""
+    def ran_migrations(self) -> list[tuple[str, int]]:
+        """(migration, batch) of every logged migration, oldest first."""
+
+    def log_migration(self, name: str, batch: int) -> None:
+        """Record that ``name`` ran in ``batch`` (inside the migration's transaction)."""
+
+    def unlog_migration(self, name: str) -> None:
+        """Forget that ``name`` ran (inside its rollback's transaction)."""
 
     def transaction(self) -> Any:
         """A context manager around one transaction."""
@@ -100,8 +107,7 @@ class Migrator:
         """Migration name -> batch, for every logged migration."""
         if not self.db.has_migrations_table():
             return {}
-        rows = self.db.query("SELECT migration, batch FROM migrations ORDER BY id")
-        return {name: batch for name, batch in rows}
+        return dict(self.db.ran_migrations())
 
     def pending(self) -> list[str]:
         """Migration files that have not run, in the order they would."""
@@ -194,10 +200,9 @@ class Migrator:
             with self.db.transaction():
                 getattr(module, direction)(self.db)
                 if direction == "up":
-                    self.db.execute("INSERT INTO migrations (migration, batch) VALUES (?, ?)",
-                                    (name, log_batch))
+                    self.db.log_migration(name, log_batch or 1)
                 else:
-                    self.db.execute("DELETE FROM migrations WHERE migration = ?", (name,))
+                    self.db.unlog_migration(name)
         except Exception as exc:
             raise MigrationError(f"{name} ({direction}) failed: {exc}") from exc
         elapsed = (time.perf_counter() - started) * 1000
@@ -237,8 +242,16 @@ class SqliteMigrationDatabase:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return self.connection.execute(sql, tuple(params))
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.connection.execute(sql, tuple(params)).fetchall()
+    def ran_migrations(self) -> list[tuple[str, int]]:
+        return self.connection.execute(
+            "SELECT migration, batch FROM migrations ORDER BY id").fetchall()
+
+    def log_migration(self, name: str, batch: int) -> None:
+        self.connection.execute("INSERT INTO migrations (migration, batch) VALUES (?, ?)",
+                                (name, batch))
+
+    def unlog_migration(self, name: str) -> None:
+        self.connection.execute("DELETE FROM migrations WHERE migration = ?", (name,))
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

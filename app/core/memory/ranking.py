@@ -94,3 +94,28 @@ def rank(
     ordered = sorted(scores.items(), key=lambda item: (item[1], recency.get(item[0], 0.0)),
                      reverse=True)
     return ordered[:top_k]
+
+
+@dataclass
+class Candidate:
+    """A row a recall may return, with what ranking needs to know of it."""
+
+    pk: int
+    importance: float
+    recency: float
+    cosine: float = 0.0
+    keyword: float = 0.0
+
+
+def rank_candidates(candidates: Mapping[int, Candidate], top_k: int,
+                    weights: FusionWeights = DEFAULT_WEIGHTS, *,
+                    use_vector: bool = True) -> list[tuple[int, float]]:
+    """The ``top_k`` best (pk, score) of ``candidates``: fused, or keyword coverage alone when
+    ``use_vector`` is false (then only keyword matches qualify)."""
+    keyword = {pk: c.keyword for pk, c in candidates.items() if c.keyword > 0}
+    if use_vector:
+        scores = fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
+                      {pk: c.importance for pk, c in candidates.items()}, weights)
+    else:
+        scores = keyword
+    return rank(scores, {pk: c.recency for pk, c in candidates.items()}, top_k)

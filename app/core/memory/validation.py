@@ -214,6 +214,25 @@ def check_expiry(ttl: Any, expires_at: Any, now: datetime) -> datetime | None:
     return now + timedelta(seconds=seconds)
 
 
+def check_by_id(memory_id: Any, user_id: Any) -> tuple[str, str | None]:
+    """The ``(memory_id, user_id)`` of a by-id verb; ``user_id`` may be ``None`` (operator call)."""
+    return check_id(memory_id, "memory_id"), check_optional_id(user_id, "user_id")
+
+
+def check_display_name(value: Any) -> str | None:
+    """A user's display name: optional text of at most 256 characters."""
+    return None if value is None else check_text(value, "display_name", max_chars=256)
+
+
+def check_retention(value: Any, default: timedelta) -> timedelta:
+    """``purge``'s retention: a timedelta of zero or more; ``None`` means ``default``."""
+    if value is None:
+        return default
+    if not isinstance(value, timedelta) or value < timedelta(0):
+        raise _fail("retention", "a timedelta of zero or more", value)
+    return value
+
+
 def check_cursor(value: Any, name: str = "cursor") -> int | None:
     """An opaque cursor from ``list_memories``; ``None`` starts at the newest memory."""
     if value is None:

@@ -67,13 +67,16 @@ from app.core.memory.validation import (
     MAX_TITLE_CHARS,
     MemoryDraft,
     check_bool,
+    check_by_id,
     check_cursor,
+    check_display_name,
     check_id,
     check_json_object,
     check_metadata,
     check_optional_id,
     check_positive_int,
     check_query,
+    check_retention,
     check_text,
     check_top_k,
     prepare_changes,
@@ -194,8 +197,8 @@ class SqliteDriver(BaseMemoryDriver):
                 candidates = self._candidates(conn, search.MEMORIES, scope, text, query_vector,
                                               f"memory:{filters.user_id}", top_k,
                                               (filters.user_id,))
-                ranked = _rank(candidates, top_k, self._weights,
-                               use_vector=query_vector is not None)
+                ranked = ranking.rank_candidates(candidates, top_k, self._weights,
+                                                 use_vector=query_vector is not None)
                 rows = self._memory_rows(conn, [pk for pk, _ in ranked])
         memories = _ordered_memories(rows, dict(ranked))
         self._record_access(memories, now)
@@ -213,7 +216,7 @@ class SqliteDriver(BaseMemoryDriver):
         with self._read() as conn:
             candidates = self._candidates(conn, search.KNOWLEDGE, scope, text, query_vector,
                                           "knowledge", top_k, ())
-            ranked = _rank(candidates, top_k, self._weights, use_vector=True)
+            ranked = ranking.rank_candidates(candidates, top_k, self._weights)
             rows = conn.execute(
                 "SELECT m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, "
                 "d.metadata, d.updated_at FROM knowledge_chunks m "
@@ -299,7 +302,7 @@ class SqliteDriver(BaseMemoryDriver):
 
     @_translate_errors
     def delete(self, memory_id: str, user_id: str | None = None) -> bool:
-        memory_id, user_id = _check_by_id(memory_id, user_id)
+        memory_id, user_id = check_by_id(memory_id, user_id)
         now = time.time()
         with self._write() as conn:
             cursor = conn.execute(
@@ -343,7 +346,7 @@ class SqliteDriver(BaseMemoryDriver):
     def get(
         self, memory_id: str, user_id: str | None = None, *, include_deleted: bool = False
     ) -> Memory | None:
-        memory_id, user_id = _check_by_id(memory_id, user_id)
+        memory_id, user_id = check_by_id(memory_id, user_id)
         include_deleted = check_bool(include_deleted, "include_deleted")
         with self._read() as conn:
             pk = self._visible_pk(conn, memory_id, user_id, time.time(),
@@ -365,7 +368,7 @@ class SqliteDriver(BaseMemoryDriver):
         expires_at: datetime | None = None,
         clear_expiry: bool = False,
     ) -> Memory | None:
-        memory_id, user_id = _check_by_id(memory_id, user_id)
+        memory_id, user_id = check_by_id(memory_id, user_id)
         now = _utcnow()
         changes = prepare_changes(content=content, tags=tags, metadata=metadata,
                                   importance=importance, ttl=ttl, expires_at=expires_at,
@@ -440,7 +443,7 @@ class SqliteDriver(BaseMemoryDriver):
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
-        memory_id, user_id = _check_by_id(memory_id, user_id)
+        memory_id, user_id = check_by_id(memory_id, user_id)
         now = time.time()
         with self._write() as conn:
             cursor = conn.execute(
@@ -465,11 +468,7 @@ class SqliteDriver(BaseMemoryDriver):
 
     @_translate_errors
     def purge(self, *, retention: timedelta | None = None) -> int:
-        if retention is None:
-            retention = self._retention
-        if not isinstance(retention, timedelta) or retention < timedelta(0):
-            raise InvalidInputError(f"retention must be a timedelta of zero or more "
-                                    f"(got {retention!r})")
+        retention = check_retention(retention, self._retention)
         now = time.time()
         with self._write() as conn:
             return conn.execute(
@@ -522,7 +521,7 @@ class SqliteDriver(BaseMemoryDriver):
         profile: dict[str, Any] | None = None,
     ) -> User:
         chosen = check_optional_id(user_id, "user_id")
-        name = _check_display_name(display_name)
+        name = check_display_name(display_name)
         profile_json = json.dumps(check_json_object(profile, "profile",
                                                     max_bytes=MAX_PROFILE_BYTES))
         now = time.time()
@@ -691,7 +690,7 @@ class SqliteDriver(BaseMemoryDriver):
 
     def _candidates(self, conn: sqlite3.Connection, corpus: search.Corpus, scope: search.Scope,
                     text: str, query_vector: np.ndarray | None, space_name: str, top_k: int,
-                    space_params: tuple[Any, ...]) -> dict[int, search.Candidate]:
+                    space_params: tuple[Any, ...]) -> dict[int, ranking.Candidate]:
         depth = ranking.candidate_depth(top_k)
         found = search.keyword_candidates(conn, corpus, scope, text, depth)
         if query_vector is None:
@@ -803,25 +802,6 @@ class SqliteDriver(BaseMemoryDriver):
 
 
 # -- module helpers -------------------------------------------------------------------------
-
-
-def _rank(candidates: dict[int, search.Candidate], top_k: int, weights: ranking.FusionWeights,
-          *, use_vector: bool) -> list[tuple[int, float]]:
-    keyword = {pk: c.keyword for pk, c in candidates.items() if c.keyword > 0}
-    if use_vector:
-        scores = ranking.fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
-                              {pk: c.importance for pk, c in candidates.items()}, weights)
-    else:
-        scores = keyword
-    return ranking.rank(scores, {pk: c.recency for pk, c in candidates.items()}, top_k)
-
-
-def _check_by_id(memory_id: Any, user_id: Any) -> tuple[str, str | None]:
-    return check_id(memory_id, "memory_id"), check_optional_id(user_id, "user_id")
-
-
-def _check_display_name(value: Any) -> str | None:
-    return None if value is None else check_text(value, "display_name", max_chars=256)
 
 
 def _utcnow() -> datetime:

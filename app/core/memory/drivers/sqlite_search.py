@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.core.memory.drivers.vector_cache import VectorSpace
+from app.core.memory.ranking import Candidate
 from app.core.memory.validation import RecallFilters
 
 #: Below this many eligible rows, a filtered vector search scores just those rows.
@@ -73,17 +74,6 @@ class Scope:
     sql: str
     params: tuple[Any, ...]
     narrows: bool = False
-
-
-@dataclass
-class Candidate:
-    """A row that may be returned, with what ranking needs to know of it."""
-
-    pk: int
-    importance: float
-    recency: float
-    cosine: float = 0.0
-    keyword: float = 0.0
 
 
 def memory_scope(filters: RecallFilters, now: float, *, include_deleted: bool = False) -> Scope:
