@@ -53,3 +53,46 @@ def clean_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Non
     yield
     MemoryDriverManager.reset_cache()
     reset_settings()
+
+
+#: A server this test run may create and drop its own database on (see scripts/install-postgres.sh).
+PG_ADMIN_URL = os.environ.get("MEMORY_TEST_PG_ADMIN_URL",
+                              "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_TABLES = "memories, knowledge_chunks, knowledge_documents, users, embedding_identity"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A new PostgreSQL database for this test run, migrated, dropped at the end."""
+    import secrets
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from app.core.database.postgres_migration import PostgresMigrationDatabase
+
+    name = f"memory_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    url = make_conninfo(PG_ADMIN_URL, dbname=name)
+    try:
+        db = PostgresMigrationDatabase(url)
+        try:
+            Migrator(db, migrations_dir("pgvector"), out=lambda line: None).migrate()
+        finally:
+            db.close()
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                psycopg.sql.Identifier(name)))
+
+
+@pytest.fixture
+def empty_pg(pg_url: str) -> str:
+    """``pg_url`` with every memory-layer table emptied before the test."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as connection:
+        connection.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY CASCADE")
+    return pg_url

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from app.core.memory.errors import MissingDependencyError
+from app.core.memory.errors import EmbeddingMismatchError, MissingDependencyError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED_MODELS = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -127,6 +127,17 @@ class QueryVectorCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def identity_mismatch(where: str, stored: dict[str, Any], model: str,
+                      dimension: int) -> EmbeddingMismatchError:
+    """The error for vectors in ``where`` made by another model than the configured one."""
+    return EmbeddingMismatchError(
+        f"the vectors in {where} were made by {stored['model']} ({stored['dimension']} "
+        f"dimensions) but the configured model is {model} ({dimension} dimensions). Set "
+        f"MEMORY_EMBEDDING_MODEL={stored['model']} to keep using them; switching models means "
+        "re-embedding every stored memory."
+    )
 
 
 _default_lock = threading.Lock()

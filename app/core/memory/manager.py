@@ -23,6 +23,7 @@ DriverFactory = Callable[[], BaseMemoryDriver]
 #: name -> "module:Class"; a module is imported only when its driver is asked for.
 BUILTIN_DRIVERS: dict[str, str] = {
     "sqlite": "app.core.memory.drivers.sqlite_driver:SqliteDriver",
+    "pgvector": "app.core.memory.drivers.pgvector_driver:PgvectorDriver",
 }
 ENTRY_POINT_GROUP = "memory_drivers"
 

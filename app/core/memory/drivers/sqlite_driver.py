@@ -40,10 +40,9 @@ from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers.vector_cache import VectorCache
-from app.core.memory.embeddings import Embedder, get_default_embedder
+from app.core.memory.embeddings import Embedder, get_default_embedder, identity_mismatch
 from app.core.memory.errors import (
     BackendUnavailableError,
-    EmbeddingMismatchError,
     InvalidInputError,
     MemoryDriverError,
     SchemaNotMigratedError,
@@ -680,12 +679,7 @@ class SqliteDriver(BaseMemoryDriver):
             )
             stored = _stored_identity(conn)
         if stored is not None and stored != {"model": model, "dimension": dimension}:
-            raise EmbeddingMismatchError(
-                f"the vectors in {self.path} were made by {stored['model']} "
-                f"({stored['dimension']} dimensions) but the configured model is {model} "
-                f"({dimension} dimensions). Set MEMORY_EMBEDDING_MODEL={stored['model']} to keep "
-                "using them; switching models means re-embedding every stored memory."
-            )
+            raise identity_mismatch(str(self.path), stored, model, dimension)
         self._identity_checked = True
 
     def _candidates(self, conn: sqlite3.Connection, corpus: search.Corpus, scope: search.Scope,

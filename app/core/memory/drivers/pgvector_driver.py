@@ -1,0 +1,897 @@
+"""The ``pgvector`` driver: PostgreSQL with the pgvector extension, for production scale.
+
+Needs the ``pgvector`` extra (``pip install -e '.[pgvector]'``: psycopg 3 and psycopg_pool) and a
+database migrated with ``python migrate.py --database pgvector``; the driver issues no DDL.
+
+How it works:
+- One ``psycopg_pool.ConnectionPool`` (``DATABASE_URL``), opened on first use. Every checkout
+  checks its connection, so after a server restart or killed backends the next call gets a fresh
+  one; a call that fails on the way raises ``BackendUnavailableError``, and so does a pool with
+  no free connection after ``MEMORY_PG_POOL_TIMEOUT`` seconds, instead of hanging.
+- Vectors are sent as pgvector's text literal (``'[0.1, ...]'::vector``), which needs no type
+  registration on the connection (so a pool opened before ``migrate`` keeps working after it).
+- Recall fetches its candidates in one query: the nearest vectors within the user's scope, the
+  best keyword matches (generated ``tsvector``, english configuration, any query word may match),
+  with each candidate's cosine and keyword coverage (the share of the query's words it holds), and
+  ``ranking.py`` fuses them as for SQLite. Nearest vectors are exact: a scope of at most
+  ``exact_scan_max_rows`` rows (the usual case: one user's memories) is scanned and sorted; a
+  larger one uses the HNSW index with pgvector 0.8's iterative scan (``hnsw.iterative_scan =
+  strict_order``), so filtering by user cannot leave the result short.
+- ``store_many`` is one transaction, pipelined ``INSERT ... ON CONFLICT`` (upsert by key) with
+  the embeddings computed in batches before it starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+
+from app.core.database.migrator import migrations_dir
+from app.core.memory import ranking
+from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.chunking import chunk_text
+from app.core.memory.embeddings import Embedder, get_default_embedder, identity_mismatch
+from app.core.memory.errors import (
+    BackendUnavailableError,
+    InvalidInputError,
+    MemoryDriverError,
+    MissingDependencyError,
+    SchemaNotMigratedError,
+)
+from app.core.memory.records import (
+    HealthReport,
+    Knowledge,
+    KnowledgeDocument,
+    Memory,
+    MemoryInput,
+    MemoryPage,
+    User,
+    UserStats,
+)
+from app.core.memory.validation import (
+    DEFAULT_NAMESPACE,
+    MAX_KNOWLEDGE_CHARS,
+    MAX_PAGE_SIZE,
+    MAX_PROFILE_BYTES,
+    MAX_QUERY_CHARS,
+    MAX_TITLE_CHARS,
+    MemoryDraft,
+    RecallFilters,
+    check_bool,
+    check_by_id,
+    check_cursor,
+    check_display_name,
+    check_id,
+    check_json_object,
+    check_metadata,
+    check_optional_id,
+    check_positive_int,
+    check_query,
+    check_retention,
+    check_text,
+    check_top_k,
+    prepare_changes,
+    prepare_filters,
+    prepare_store,
+    prepare_store_many,
+)
+from config.settings import redact_url
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+REQUIRED_MIGRATION = "2026_11_22_000001_create_memory_tables"
+_MEMORY_COLUMNS = (
+    "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
+    "m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, m.expires_at, "
+    "m.deleted_at, m.created_at, m.updated_at"
+)
+_UPSERT_MEMORY = (
+    "INSERT INTO memories AS m (id, user_id, agent_id, conversation_id, namespace, key, content, "
+    "tags, metadata, importance, expires_at, created_at, updated_at, embedding) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::text[], %s, %s, %s, %s, %s, %s::vector) "
+    "ON CONFLICT (user_id, COALESCE(agent_id, ''), namespace, key) WHERE key IS NOT NULL "
+    "DO UPDATE SET conversation_id = EXCLUDED.conversation_id, content = EXCLUDED.content, "
+    "tags = EXCLUDED.tags, metadata = EXCLUDED.metadata, importance = EXCLUDED.importance, "
+    "expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at, "
+    "embedding = EXCLUDED.embedding, deleted_at = NULL "
+    f"RETURNING {_MEMORY_COLUMNS}"
+)
+_USER_ID_ATTEMPTS = 5
+
+
+def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn psycopg and pool exceptions escaping a public verb into the contract's errors."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except MemoryDriverError:
+            raise
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
+                raise
+            raise _contract_error(exc, args[0]) from exc
+
+    return wrapper
+
+
+class PgvectorDriver(BaseMemoryDriver):
+    """Memories, knowledge and users in PostgreSQL + pgvector (see the module docstring)."""
+
+    name = "pgvector"
+
+    def __init__(self, *, url: str | None = None, pool: Any = None,
+                 embedder: Embedder | None = None, pool_min_size: int = 1,
+                 pool_max_size: int = 10, pool_timeout: float = 5.0,
+                 connect_timeout: float = 5.0, exact_scan_max_rows: int = 5_000,
+                 retention: timedelta = timedelta(days=30),
+                 weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS) -> None:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "the pgvector driver needs psycopg and psycopg_pool: "
+                "pip install -e '.[pgvector]'"
+            ) from exc
+        if pool is None and not url:
+            raise InvalidInputError("url must be a PostgreSQL URL (or pass pool=)")
+        self.url = redact_url(url or "")
+        self.pool_timeout = pool_timeout
+        self._pool = pool or ConnectionPool(
+            url or "", min_size=pool_min_size, max_size=max(pool_min_size, pool_max_size),
+            timeout=pool_timeout, open=False, check=ConnectionPool.check_connection,
+            kwargs={"connect_timeout": max(1, math.ceil(connect_timeout))},
+            name="memory-pgvector",
+        )
+        self._embedder = embedder
+        self._exact_scan_max_rows = exact_scan_max_rows
+        self._retention = retention
+        self._weights = weights
+        self._lock = threading.Lock()
+        self._opened = False
+        self._closed = False
+        self._schema_checked = False
+        self._identity_checked = False
+
+    @classmethod
+    def from_settings(cls) -> PgvectorDriver:
+        """A driver configured from ``DATABASE_URL`` and the ``MEMORY_PG_*`` settings."""
+        from config.settings import get_settings
+
+        settings = get_settings()
+        return cls(
+            url=settings.database_url, pool_min_size=settings.pg_pool_min_size,
+            pool_max_size=settings.pg_pool_max_size, pool_timeout=settings.pg_pool_timeout,
+            connect_timeout=settings.pg_connect_timeout,
+            exact_scan_max_rows=settings.pg_exact_scan_max_rows,
+            retention=timedelta(days=settings.soft_delete_retention_days),
+        )
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder in use (the process-wide default unless one was injected)."""
+        if self._embedder is None:
+            self._embedder = get_default_embedder()
+        return self._embedder
+
+    # -- the six verbs of the original design ---------------------------------------------------
+
+    @_translate_errors
+    def recall(
+        self,
+        user_id: str,
+        conversation_id: str | None = None,
+        query: str | None = None,
+        top_k: int = 10,
+        use_vector: bool = True,
+        exclude_tags: list[str] | None = None,
+        *,
+        agent_id: str | None = None,
+        namespace: str | None = None,
+        tags: list[str] | None = None,
+        min_importance: float | None = None,
+    ) -> list[Memory]:
+        filters = prepare_filters(
+            user_id, agent_id=agent_id, conversation_id=conversation_id, namespace=namespace,
+            tags=tags, exclude_tags=exclude_tags, min_importance=min_importance,
+        )
+        top_k = check_top_k(top_k)
+        use_vector = check_bool(use_vector, "use_vector")
+        text = check_query(query)
+        query_vector = self._embed_query(text) if text is not None and use_vector else None
+        now = _utcnow()
+        scope, params = _memory_scope(filters, now)
+        with self._connection() as conn:
+            if text is None:
+                rows = conn.execute(
+                    f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
+                    "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s",
+                    {**params, "limit": top_k},
+                ).fetchall()
+                ranked = [(row[0], 1.0) for row in rows]
+            else:
+                rows = self._candidate_rows(conn, _MEMORIES, scope, params, text, query_vector,
+                                            top_k)
+                candidates = {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2],
+                                                        row[-1]) for row in rows}
+                ranked = ranking.rank_candidates(candidates, top_k, self._weights,
+                                                 use_vector=query_vector is not None)
+            by_pk = {row[0]: row for row in rows}
+            memories = []
+            for pk, score in ranked:
+                memory = _memory_from_row(by_pk[pk])
+                memory["score"] = round(score, 6)
+                memories.append(memory)
+            if memories:
+                conn.execute(
+                    "UPDATE memories SET access_count = access_count + 1, last_accessed_at = %s "
+                    "WHERE pk = ANY(%s)", (now, [pk for pk, _ in ranked]))
+        for memory in memories:
+            memory["access_count"] += 1
+            memory["last_accessed_at"] = now
+        return memories
+
+    @_translate_errors
+    def recall_global_knowledge(
+        self, query: str, top_k: int = 5, category: str | None = None
+    ) -> list[Knowledge]:
+        text = check_text(query, "query", max_chars=MAX_QUERY_CHARS)
+        top_k = check_top_k(top_k)
+        category = check_optional_id(category, "category")
+        query_vector = self._embed_query(text)
+        scope, params = ("d.category = %(category)s", {"category": category}) if category else (
+            "TRUE", {})
+        with self._connection() as conn:
+            rows = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text, query_vector,
+                                        top_k)
+        candidates = {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2], row[-1])
+                      for row in rows}
+        by_pk = {row[0]: row for row in rows}
+        return [_knowledge_from_row(by_pk[pk], score)
+                for pk, score in ranking.rank_candidates(candidates, top_k, self._weights)]
+
+    @_translate_errors
+    def store(
+        self,
+        user_id: str,
+        content: str,
+        conversation_id: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        agent_id: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        key: str | None = None,
+        importance: float = 0.5,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
+    ) -> Memory:
+        now = _utcnow()
+        draft = prepare_store(
+            user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
+            namespace=namespace, key=key, importance=importance, ttl=ttl, expires_at=expires_at,
+            now=now,
+        )
+        vectors = self._embed_documents([draft.content])
+        with self._connection() as conn:
+            row = conn.execute(_UPSERT_MEMORY, _upsert_params(draft, vectors[0], now)).fetchone()
+        return _memory_from_row(row)
+
+    @_translate_errors
+    def store_global_knowledge(
+        self,
+        content: str,
+        category: str,
+        title: str | None = None,
+        doc_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> KnowledgeDocument:
+        content = check_text(content, "content", max_chars=MAX_KNOWLEDGE_CHARS)
+        category = check_id(category, "category")
+        title = None if title is None else check_text(title, "title", max_chars=MAX_TITLE_CHARS)
+        doc_id = check_optional_id(doc_id, "doc_id") or f"doc_{secrets.token_hex(8)}"
+        meta = check_metadata(metadata)
+        chunks = chunk_text(content)
+        vectors = self._embed_documents(chunks)
+        now = _utcnow()
+        with self._connection() as conn:
+            # One statement per step, one transaction: readers see the old chunks or the new.
+            document = conn.execute(
+                "INSERT INTO knowledge_documents (doc_id, category, title, metadata, chunk_count, "
+                "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (doc_id) DO UPDATE SET category = EXCLUDED.category, "
+                "title = EXCLUDED.title, metadata = EXCLUDED.metadata, "
+                "chunk_count = EXCLUDED.chunk_count, updated_at = EXCLUDED.updated_at "
+                "RETURNING pk, doc_id, category, title, metadata, chunk_count, created_at, "
+                "updated_at",
+                (doc_id, category, title, _jsonb(meta), len(chunks), now, now),
+            ).fetchone()
+            conn.execute("DELETE FROM knowledge_chunks WHERE document_pk = %s", (document[0],))
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
+                    "VALUES (%s, %s, %s, %s::vector)",
+                    [(document[0], index, chunk, _vector_literal(vector))
+                     for index, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True))],
+                )
+        return _document_from_row(document[1:])
+
+    @_translate_errors
+    def delete(self, memory_id: str, user_id: str | None = None) -> bool:
+        memory_id, user_id = check_by_id(memory_id, user_id)
+        now = _utcnow()
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "UPDATE memories SET deleted_at = %(now)s, updated_at = %(now)s "
+                "WHERE id = %(id)s AND (%(user)s::text IS NULL OR user_id = %(user)s) "
+                "AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)",
+                {"now": now, "id": memory_id, "user": user_id},
+            )
+        return cursor.rowcount > 0
+
+    def health_check(self) -> HealthReport:
+        started = time.perf_counter()
+        checks: dict[str, Any] = {"database": {"url": self.url}}
+        status = "ok"
+        try:
+            self._open_pool()
+            with self._pool.connection(timeout=min(self.pool_timeout, 5.0)) as conn:
+                version = conn.execute("SHOW server_version").fetchone()[0]
+                checks["database"].update(status="ok", server_version=version)
+                row = conn.execute(
+                    "SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+                checks["pgvector"] = {"status": "ok" if row else "missing",
+                                      "version": row[0] if row else None}
+                checks["migrations"] = _migration_check(conn)
+                checks["embedding"] = self._embedding_check(conn)
+            if checks["migrations"]["status"] == "not_migrated" or not row:
+                status = "down"
+            elif checks["migrations"]["status"] != "ok" or checks["embedding"]["status"] not in (
+                    "ok", "unrecorded"):
+                status = "degraded"
+        except Exception as exc:  # noqa: BLE001 - health_check reports, it never raises
+            status = "down"
+            checks["database"].update(status="down", error=redact_url(str(exc)))
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        return {"driver": self.name, "status": status, "checks": checks,  # type: ignore[typeddict-item]
+                "latency_ms": latency}
+
+    # -- added verbs -------------------------------------------------------------------------
+
+    @_translate_errors
+    def get(
+        self, memory_id: str, user_id: str | None = None, *, include_deleted: bool = False
+    ) -> Memory | None:
+        memory_id, user_id = check_by_id(memory_id, user_id)
+        include_deleted = check_bool(include_deleted, "include_deleted")
+        with self._connection() as conn:
+            row = conn.execute(
+                f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {_BY_ID}"
+                " AND (%(deleted)s OR m.deleted_at IS NULL)",
+                {"id": memory_id, "user": user_id, "now": _utcnow(), "deleted": include_deleted},
+            ).fetchone()
+        return _memory_from_row(row) if row else None
+
+    @_translate_errors
+    def update(
+        self,
+        memory_id: str,
+        user_id: str | None = None,
+        *,
+        content: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        importance: float | None = None,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
+        clear_expiry: bool = False,
+    ) -> Memory | None:
+        memory_id, user_id = check_by_id(memory_id, user_id)
+        now = _utcnow()
+        changes = prepare_changes(content=content, tags=tags, metadata=metadata,
+                                  importance=importance, ttl=ttl, expires_at=expires_at,
+                                  clear_expiry=clear_expiry, now=now)
+        vector = self._embed_documents([changes.content])[0] if changes.content else None
+        assignments = ["updated_at = %(now)s"]
+        values: dict[str, Any] = {"id": memory_id, "user": user_id, "now": now}
+        for column, value, cast in (
+            ("content", changes.content, ""),
+            ("tags", changes.tags, "::text[]"),
+            ("metadata", None if changes.metadata is None else _jsonb(changes.metadata), ""),
+            ("importance", changes.importance, ""),
+            ("expires_at", changes.expires_at, ""),
+            ("embedding", None if vector is None else _vector_literal(vector), "::vector"),
+        ):
+            if value is not None:
+                assignments.append(f"{column} = %({column})s{cast}")
+                values[column] = value
+        if changes.clear_expiry:
+            assignments.append("expires_at = NULL")
+        if changes.is_empty:
+            assignments = ["updated_at = m.updated_at"]
+        with self._connection() as conn:
+            row = conn.execute(
+                f"UPDATE memories m SET {', '.join(assignments)} "
+                f"WHERE {_BY_ID} AND m.deleted_at IS NULL RETURNING {_MEMORY_COLUMNS}",
+                values,
+            ).fetchone()
+        return _memory_from_row(row) if row else None
+
+    @_translate_errors
+    def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
+        now = _utcnow()
+        drafts = prepare_store_many(items, now=now)
+        if not drafts:
+            return []
+        vectors = self._embed_documents([draft.content for draft in drafts])
+        rows = []
+        with self._connection() as conn, conn.cursor() as cursor:
+            cursor.executemany(
+                _UPSERT_MEMORY,
+                [_upsert_params(draft, vector, now)
+                 for draft, vector in zip(drafts, vectors, strict=True)],
+                returning=True,
+            )
+            while True:
+                rows.append(cursor.fetchone())
+                if not cursor.nextset():
+                    break
+        return [_memory_from_row(row) for row in rows]
+
+    @_translate_errors
+    def list_memories(
+        self,
+        user_id: str,
+        *,
+        agent_id: str | None = None,
+        conversation_id: str | None = None,
+        namespace: str | None = None,
+        tags: list[str] | None = None,
+        include_deleted: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> MemoryPage:
+        filters = prepare_filters(user_id, agent_id=agent_id, conversation_id=conversation_id,
+                                  namespace=namespace, tags=tags)
+        include_deleted = check_bool(include_deleted, "include_deleted")
+        limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
+        before = check_cursor(cursor)
+        scope, params = _memory_scope(filters, _utcnow(), include_deleted=include_deleted)
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
+                "AND (%(before)s::bigint IS NULL OR m.pk < %(before)s) "
+                "ORDER BY m.pk DESC LIMIT %(limit)s",
+                {**params, "before": before, "limit": limit + 1},
+            ).fetchall()
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        return {"items": [_memory_from_row(row) for row in rows],
+                "next_cursor": str(rows[-1][0]) if has_more else None}
+
+    @_translate_errors
+    def restore(self, memory_id: str, user_id: str | None = None) -> bool:
+        memory_id, user_id = check_by_id(memory_id, user_id)
+        now = _utcnow()
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "UPDATE memories SET deleted_at = NULL, updated_at = %(now)s "
+                "WHERE id = %(id)s AND (%(user)s::text IS NULL OR user_id = %(user)s) "
+                "AND deleted_at IS NOT NULL AND (expires_at IS NULL OR expires_at > %(now)s)",
+                {"now": now, "id": memory_id, "user": user_id},
+            )
+        return cursor.rowcount > 0
+
+    @_translate_errors
+    def forget_user(self, user_id: str) -> int:
+        user_id = check_id(user_id, "user_id")
+        with self._connection() as conn:
+            erased = conn.execute("DELETE FROM memories WHERE user_id = %s", (user_id,)).rowcount
+            conn.execute("DELETE FROM users WHERE user_id = %s", (user_id,))
+        return int(erased)
+
+    @_translate_errors
+    def purge(self, *, retention: timedelta | None = None) -> int:
+        retention = check_retention(retention, self._retention)
+        now = _utcnow()
+        with self._connection() as conn:
+            return int(conn.execute(
+                "DELETE FROM memories WHERE (expires_at IS NOT NULL AND expires_at <= %s) "
+                "OR (deleted_at IS NOT NULL AND deleted_at <= %s)",
+                (now, now - retention),
+            ).rowcount)
+
+    @_translate_errors
+    def delete_knowledge(self, doc_id: str) -> bool:
+        doc_id = check_id(doc_id, "doc_id")
+        with self._connection() as conn:
+            return conn.execute("DELETE FROM knowledge_documents WHERE doc_id = %s",
+                                (doc_id,)).rowcount > 0
+
+    @_translate_errors
+    def stats(self, user_id: str | None = None) -> dict[str, Any]:
+        user_id = check_optional_id(user_id, "user_id")
+        with self._connection() as conn:
+            counts = _memory_counts(conn, user_id, _utcnow())
+            result: dict[str, Any] = {"driver": self.name, "memories": counts}
+            if user_id is None:
+                result["users"] = conn.execute(
+                    "SELECT COUNT(*) FROM (SELECT user_id FROM memories UNION "
+                    "SELECT user_id FROM users) AS known").fetchone()[0]
+                documents, chunks = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(chunk_count), 0) FROM knowledge_documents"
+                ).fetchone()
+                result["knowledge"] = {"documents": documents, "chunks": int(chunks)}
+                result["embedding"] = _stored_identity(conn)
+                result["database"] = {"url": self.url}
+            else:
+                result["user_id"] = user_id
+        return result
+
+    @_translate_errors
+    def create_user(
+        self,
+        user_id: str | None = None,
+        *,
+        display_name: str | None = None,
+        profile: dict[str, Any] | None = None,
+    ) -> User:
+        chosen = check_optional_id(user_id, "user_id")
+        name = check_display_name(display_name)
+        stored_profile = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
+        now = _utcnow()
+        for _ in range(_USER_ID_ATTEMPTS):
+            candidate = chosen or f"user_{secrets.token_hex(4)}"
+            with self._connection() as conn:
+                inserted = conn.execute(
+                    "INSERT INTO users (user_id, display_name, profile, created_at, updated_at) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO NOTHING",
+                    (candidate, name, _jsonb(stored_profile), now, now),
+                ).rowcount
+            if inserted:
+                user = self.get_user(candidate)
+                assert user is not None
+                return user
+            if chosen:
+                raise InvalidInputError(f"user_id {chosen!r} already exists")
+        raise BackendUnavailableError("could not generate a free user id; try again")
+
+    @_translate_errors
+    def get_user(self, user_id: str) -> User | None:
+        user_id = check_id(user_id, "user_id")
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT display_name, profile, created_at, updated_at FROM users "
+                "WHERE user_id = %s", (user_id,)).fetchone()
+            counts = _memory_counts(conn, user_id, _utcnow())
+            first, last = conn.execute(
+                "SELECT MIN(created_at), MAX(created_at) FROM memories WHERE user_id = %s",
+                (user_id,)).fetchone()
+        if row is None and first is None:
+            return None
+        stats: UserStats = {"memories": counts["visible"], "deleted": counts["deleted"],
+                            "expired": counts["expired"], "last_memory_at": _utc(last)}
+        return {
+            "user_id": user_id,
+            "display_name": row[0] if row else None,
+            "profile": row[1] if row else {},
+            "created_at": _utc(row[2] if row else first),
+            "updated_at": _utc(row[3]) if row else None,
+            "stats": stats,
+        }
+
+    @_translate_errors
+    def get_profile(self, user_id: str) -> dict[str, Any]:
+        user_id = check_id(user_id, "user_id")
+        with self._connection() as conn:
+            row = conn.execute("SELECT profile FROM users WHERE user_id = %s",
+                               (user_id,)).fetchone()
+        return dict(row[0]) if row else {}
+
+    @_translate_errors
+    def set_profile(
+        self, user_id: str, profile: dict[str, Any], *, merge: bool = False
+    ) -> dict[str, Any]:
+        user_id = check_id(user_id, "user_id")
+        if profile is None:
+            raise InvalidInputError("profile must be a dict (got None)")
+        new = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
+        merge = check_bool(merge, "merge")
+        now = _utcnow()
+        with self._connection() as conn:
+            row = conn.execute("SELECT profile FROM users WHERE user_id = %s FOR UPDATE",
+                               (user_id,)).fetchone()
+            stored = {**row[0], **new} if merge and row else new
+            stored = check_json_object(stored, "profile", max_bytes=MAX_PROFILE_BYTES)
+            conn.execute(
+                "INSERT INTO users (user_id, profile, created_at, updated_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET "
+                "profile = EXCLUDED.profile, updated_at = EXCLUDED.updated_at",
+                (user_id, _jsonb(stored), now, now),
+            )
+        return stored
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, False
+            self._closed = True
+        if opened:
+            self._pool.close()
+
+    # -- private helpers ----------------------------------------------------------------------
+
+    def _open_pool(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise BackendUnavailableError("this PgvectorDriver is closed")
+            if not self._opened:
+                self._pool.open(wait=False)
+                self._opened = True
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A pooled connection inside one transaction (committed on success)."""
+        self._open_pool()
+        with self._pool.connection() as conn:
+            if not self._schema_checked:
+                if _migration_check(conn)["status"] == "not_migrated":
+                    raise SchemaNotMigratedError(
+                        f"the PostgreSQL database {self.url} is not migrated: run "
+                        "`python migrate.py --database pgvector`"
+                    )
+                self._schema_checked = True
+            yield conn
+
+    def _embed_documents(self, texts: list[str]) -> np.ndarray:
+        self._check_identity()
+        return self.embedder.embed_documents(texts)
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        self._check_identity()
+        return self.embedder.embed_query(text)
+
+    def _check_identity(self) -> None:
+        """Record the embedding model on first use; refuse to mix vectors of another model."""
+        if self._identity_checked:
+            return
+        model, dimension = self.embedder.model_name, self.embedder.dimension
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO embedding_identity (id, model, dimension) VALUES (1, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING", (model, dimension))
+            stored = _stored_identity(conn)
+        if stored is not None and stored != {"model": model, "dimension": dimension}:
+            raise identity_mismatch(self.url, stored, model, dimension)
+        self._identity_checked = True
+
+    def _candidate_rows(self, conn: Any, corpus: _Corpus, scope: str, params: dict[str, Any],
+                        text: str, query_vector: np.ndarray | None,
+                        top_k: int) -> list[tuple[Any, ...]]:
+        """Every candidate's columns, then (importance, recency, cosine, keyword coverage)."""
+        values = {**params, "text": text, "depth": ranking.candidate_depth(top_k),
+                  "exact_max": self._exact_scan_max_rows}
+        parts = [
+            "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes, "
+            "NULLIF(replace(plainto_tsquery('english', %(text)s)::text, '&', '|'), '')::tsquery "
+            "AS tsq)",
+            f"keyword AS (SELECT m.pk FROM {corpus.source}, q WHERE q.tsq IS NOT NULL "
+            f"AND m.content_tsv @@ q.tsq AND {scope} "
+            "ORDER BY ts_rank_cd(m.content_tsv, q.tsq) DESC LIMIT %(depth)s)",
+        ]
+        union = "SELECT pk FROM keyword"
+        cosine = "0.0"
+        if query_vector is not None:
+            values["vector"] = _vector_literal(query_vector)
+            parts += [
+                f"small AS (SELECT COUNT(*) <= %(exact_max)s AS exact FROM (SELECT 1 FROM "
+                f"{corpus.source} WHERE {scope} LIMIT %(exact_max)s + 1) AS scoped)",
+                # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
+                f"exact AS (SELECT m.pk FROM {corpus.source} WHERE (SELECT exact FROM small) "
+                f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 "
+                "LIMIT %(depth)s)",
+                f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE NOT (SELECT exact FROM small) "
+                f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
+            ]
+            union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
+            cosine = "1 - (m.embedding <=> %(vector)s::vector)"
+        sql = (
+            f"WITH {', '.join(parts)}, candidates AS ({union}) "
+            f"SELECT {corpus.columns}, {corpus.importance}::float8, "
+            f"EXTRACT(EPOCH FROM {corpus.recency})::float8, "
+            f"{cosine}, CASE WHEN m.pk IN (SELECT pk FROM keyword) THEN "
+            "(SELECT COUNT(*) FROM unnest(tsvector_to_array(m.content_tsv)) AS lexeme "
+            "WHERE lexeme = ANY(q.lexemes))::float8 / GREATEST(1, cardinality(q.lexemes)) "
+            f"ELSE 0.0 END FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q"
+        )
+        if query_vector is not None:
+            # Both last until the end of this transaction (the caller's pooled connection).
+            conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, int(values['depth']))}")
+        rows: list[tuple[Any, ...]] = conn.execute(sql, values).fetchall()
+        return rows
+
+    def _embedding_check(self, conn: Any) -> dict[str, Any]:
+        stored = _stored_identity(conn)
+        configured: dict[str, Any] = {"model": self.embedder.model_name}
+        if getattr(self.embedder, "is_loaded", True):
+            configured["dimension"] = self.embedder.dimension
+        if stored is None:
+            return {"status": "unrecorded", "configured": configured}
+        same = stored["model"] == configured["model"] and stored["dimension"] == configured.get(
+            "dimension", stored["dimension"])
+        return {"status": "ok" if same else "mismatch", "stored": stored,
+                "configured": configured}
+
+
+# -- module helpers -------------------------------------------------------------------------
+
+_BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
+          "AND (m.expires_at IS NULL OR m.expires_at > %(now)s)")
+
+
+class _Corpus:
+    """What differs between searching memories and knowledge chunks (constant SQL only)."""
+
+    def __init__(self, source: str, columns: str, importance: str, recency: str) -> None:
+        self.source, self.columns = source, columns
+        self.importance, self.recency = importance, recency
+
+
+_MEMORIES = _Corpus("memories m", _MEMORY_COLUMNS, "m.importance", "m.created_at")
+_KNOWLEDGE = _Corpus(
+    "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
+    "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
+    "0.5", "d.updated_at",
+)
+
+
+def _memory_scope(filters: RecallFilters, now: datetime, *,
+                  include_deleted: bool = False) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause (alias ``m``, named parameters) of a user's visible memories."""
+    clauses = ["m.user_id = %(user_id)s", "(m.expires_at IS NULL OR m.expires_at > %(now)s)"]
+    params: dict[str, Any] = {"user_id": filters.user_id, "now": now}
+    if not include_deleted:
+        clauses.append("m.deleted_at IS NULL")
+    for column, value in (("agent_id", filters.agent_id),
+                          ("conversation_id", filters.conversation_id),
+                          ("namespace", filters.namespace)):
+        if value is not None:
+            clauses.append(f"m.{column} = %({column})s")
+            params[column] = value
+    if filters.min_importance is not None:
+        clauses.append("m.importance >= %(min_importance)s")
+        params["min_importance"] = filters.min_importance
+    if filters.tags:
+        clauses.append("m.tags @> %(tags)s::text[]")
+        params["tags"] = filters.tags
+    if filters.exclude_tags:
+        clauses.append("NOT (m.tags && %(exclude_tags)s::text[])")
+        params["exclude_tags"] = filters.exclude_tags
+    return " AND ".join(clauses), params
+
+
+def _upsert_params(draft: MemoryDraft, vector: np.ndarray, now: datetime) -> tuple[Any, ...]:
+    return (uuid.uuid4().hex, draft.user_id, draft.agent_id, draft.conversation_id,
+            draft.namespace, draft.key, draft.content, draft.tags, _jsonb(draft.metadata),
+            draft.importance, draft.expires_at, now, now, _vector_literal(vector))
+
+
+def _migration_check(conn: Any) -> dict[str, Any]:
+    files = sorted(path.stem for path in migrations_dir("pgvector").glob("*.py")
+                   if not path.name.startswith("_"))
+    exists = conn.execute("SELECT to_regclass('migrations') IS NOT NULL").fetchone()[0]
+    ran = {row[0] for row in conn.execute("SELECT migration FROM migrations")} if exists else set()
+    pending = [name for name in files if name not in ran]
+    if REQUIRED_MIGRATION not in ran:
+        return {"status": "not_migrated", "pending": pending,
+                "hint": "run `python migrate.py --database pgvector`"}
+    return {"status": "pending" if pending else "ok", "pending": pending}
+
+
+def _stored_identity(conn: Any) -> dict[str, Any] | None:
+    row = conn.execute("SELECT model, dimension FROM embedding_identity WHERE id = 1").fetchone()
+    return None if row is None else {"model": row[0], "dimension": row[1]}
+
+
+def _memory_counts(conn: Any, user_id: str | None, now: datetime) -> dict[str, int]:
+    visible, deleted, expired = conn.execute(
+        "SELECT "
+        "COUNT(*) FILTER (WHERE deleted_at IS NULL AND (expires_at IS NULL OR expires_at > %(n)s)),"
+        " COUNT(*) FILTER (WHERE deleted_at IS NOT NULL "
+        "AND (expires_at IS NULL OR expires_at > %(n)s)),"
+        " COUNT(*) FILTER (WHERE expires_at IS NOT NULL AND expires_at <= %(n)s) "
+        "FROM memories WHERE (%(u)s::text IS NULL OR user_id = %(u)s)",
+        {"n": now, "u": user_id},
+    ).fetchone()
+    return {"visible": visible, "deleted": deleted, "expired": expired}
+
+
+def _vector_literal(vector: np.ndarray) -> str:
+    # float32 -> Python float is exact, and repr round-trips, so nothing is lost on the way.
+    return str(np.asarray(vector, dtype=np.float32).tolist())
+
+
+def _jsonb(value: dict[str, Any]) -> Any:
+    from psycopg.types.json import Jsonb
+
+    return Jsonb(value)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _memory_from_row(row: tuple[Any, ...]) -> Memory:
+    return {
+        "id": row[1],
+        "user_id": row[2],
+        "agent_id": row[3],
+        "conversation_id": row[4],
+        "namespace": row[5],
+        "key": row[6],
+        "content": row[7],
+        "tags": list(row[8]),
+        "metadata": dict(row[9]),
+        "importance": float(row[10]),
+        "access_count": row[11],
+        "last_accessed_at": _utc(row[12]),
+        "expires_at": _utc(row[13]),
+        "deleted_at": _utc(row[14]),
+        "created_at": row[15].astimezone(UTC),
+        "updated_at": row[16].astimezone(UTC),
+    }
+
+
+def _knowledge_from_row(row: tuple[Any, ...], score: float) -> Knowledge:
+    return {
+        "id": f"{row[3]}#{row[1]}",
+        "doc_id": row[3],
+        "category": row[4],
+        "title": row[5],
+        "content": row[2],
+        "chunk_index": row[1],
+        "metadata": dict(row[6]),
+        "created_at": row[7].astimezone(UTC),
+        "score": round(score, 6),
+    }
+
+
+def _document_from_row(row: tuple[Any, ...]) -> KnowledgeDocument:
+    return {
+        "doc_id": row[0],
+        "category": row[1],
+        "title": row[2],
+        "metadata": dict(row[3]),
+        "chunk_count": row[4],
+        "created_at": row[5].astimezone(UTC),
+        "updated_at": row[6].astimezone(UTC),
+    }
+
+
+def _contract_error(exc: Exception, driver: Any) -> MemoryDriverError:
+    kind = type(exc).__name__
+    message = redact_url(str(exc))
+    if kind == "PoolTimeout":
+        return BackendUnavailableError(
+            f"no PostgreSQL connection could be had within {driver.pool_timeout}s "
+            f"(server down, or every pooled connection busy): {message}")
+    if kind in ("UndefinedTable", "UndefinedColumn", "UndefinedObject", "UndefinedFunction"):
+        return SchemaNotMigratedError(f"the PostgreSQL schema is missing or outdated ({message}): "
+                                      "run `python migrate.py --database pgvector`")
+    return BackendUnavailableError(f"PostgreSQL failed ({kind}): {message}")
