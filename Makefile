@@ -10,8 +10,9 @@ demo: install  ## install, migrate the SQLite file, store and recall with the re
 	$(PY) migrate.py
 	$(PY) -m app demo
 
-install-dev:  ## everything the tests need
-	scripts/install.sh dev
+install-dev:  ## everything the tests need: the package with its extras, PostgreSQL with pgvector
+	scripts/install.sh dev pgvector
+	scripts/install-postgres.sh
 
 test: install-dev  ## install what the tests need and run them
 	$(PY) -m pytest
