@@ -215,6 +215,7 @@ class PgvectorDriver(BaseMemoryDriver):
         scope, params = _memory_scope(filters, now)
         with self._connection() as conn:
             if text is None:
+                conn.execute("SET LOCAL synchronous_commit = off")  # see _candidate_rows
                 rows = conn.execute(
                     f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
                     "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s",
@@ -715,10 +716,11 @@ class PgvectorDriver(BaseMemoryDriver):
             "WHERE lexeme = ANY(q.lexemes))::float8 / GREATEST(1, cardinality(q.lexemes)) "
             f"ELSE 0.0 END FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q"
         )
-        if query_vector is not None:
-            # Both last until the end of this transaction (the caller's pooled connection).
-            conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, int(values['depth']))}")
+        # All three last until the end of the caller's transaction. Access counts, the only
+        # write a recall makes, are bookkeeping: not worth waiting for a WAL flush on every read.
+        conn.execute("SET LOCAL synchronous_commit = off; "
+                     "SET LOCAL hnsw.iterative_scan = strict_order; "
+                     f"SET LOCAL hnsw.ef_search = {max(40, int(values['depth']))}")
         rows: list[tuple[Any, ...]] = conn.execute(sql, values).fetchall()
         return rows
 
