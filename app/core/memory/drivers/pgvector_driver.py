@@ -696,8 +696,10 @@ class PgvectorDriver(BaseMemoryDriver):
         if query_vector is not None:
             values["vector"] = _vector_literal(query_vector)
             parts += [
+                # Sized by every row of the user (any state): an index-only count, where
+                # counting the visible ones would visit each row's page.
                 f"small AS (SELECT COUNT(*) <= %(exact_max)s AS exact FROM (SELECT 1 FROM "
-                f"{corpus.source} WHERE {scope} LIMIT %(exact_max)s + 1) AS scoped)",
+                f"{corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
                 # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
                 f"exact AS (SELECT m.pk FROM {corpus.source} WHERE (SELECT exact FROM small) "
                 f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 "
@@ -744,16 +746,21 @@ _BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
 
 
 class _Corpus:
-    """What differs between searching memories and knowledge chunks (constant SQL only)."""
+    """What differs between searching memories and knowledge chunks (constant SQL only).
 
-    def __init__(self, source: str, columns: str, importance: str, recency: str) -> None:
-        self.source, self.columns = source, columns
+    ``population`` is the FROM clause whose size picks exact search or the index.
+    """
+
+    def __init__(self, source: str, population: str, columns: str, importance: str,
+                 recency: str) -> None:
+        self.source, self.population, self.columns = source, population, columns
         self.importance, self.recency = importance, recency
 
 
-_MEMORIES = _Corpus("memories m", _MEMORY_COLUMNS, "m.importance", "m.created_at")
+_MEMORIES = _Corpus("memories m", "memories WHERE user_id = %(user_id)s", _MEMORY_COLUMNS,
+                    "m.importance", "m.created_at")
 _KNOWLEDGE = _Corpus(
-    "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
+    "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk", "knowledge_chunks",
     "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
     "0.5", "d.updated_at",
 )
