@@ -18,5 +18,5 @@ test: install-dev  ## install what the tests need and run them
 	$(PY) -m pytest
 
 lint: install-dev  ## ruff and mypy
-	$(PY) -m ruff check app config database tests migrate.py
-	$(PY) -m mypy app config migrate.py
+	$(PY) -m ruff check app config database tests bench migrate.py
+	$(PY) -m mypy app config bench migrate.py

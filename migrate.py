@@ -24,8 +24,7 @@ from app.core.database.migrator import (
     migrations_dir,
 )
 from app.core.memory.errors import BackendUnavailableError, MemoryDriverError
-from config.settings import redact_url
-from config.settings import get_settings
+from config.settings import get_settings, redact_url
 
 COMMANDS = ("migrate", "fresh", "rollback", "reset", "refresh", "status")
 DESTRUCTIVE = {"fresh", "rollback", "reset", "refresh"}

@@ -111,7 +111,7 @@ def run(url: str, args: argparse.Namespace, vectors: np.ndarray, texts: list[str
     latencies: dict[str, list[float]] = {"exact scan": [], "hnsw iterative": []}
     agree: dict[str, int] = {"exact scan": 0, "hnsw iterative": 0}
     with psycopg.connect(url) as connection:
-        ids = dict(connection.execute("SELECT pk, id FROM memories").fetchall())
+        ids: dict[int, str] = dict(connection.execute("SELECT pk, id FROM memories").fetchall())
     for q in range(args.queries):
         user = int(rng.integers(args.users))
         query_vector = vectors[int(rng.integers(len(vectors)))] + rng.normal(0, 0.05, 384)

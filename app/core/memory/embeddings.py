@@ -140,6 +140,22 @@ def identity_mismatch(where: str, stored: dict[str, Any], model: str,
     )
 
 
+def identity_check(stored: dict[str, Any] | None, embedder: Embedder) -> dict[str, Any]:
+    """``health_check``'s view of the embedding identity: ``ok``, ``mismatch`` or ``unrecorded``.
+
+    The configured dimension is reported (and compared) only if the model is already loaded, so
+    that a health check never loads a model.
+    """
+    configured: dict[str, Any] = {"model": embedder.model_name}
+    if getattr(embedder, "is_loaded", True):
+        configured["dimension"] = embedder.dimension
+    if stored is None:
+        return {"status": "unrecorded", "configured": configured}
+    same = stored["model"] == configured["model"] and stored["dimension"] == configured.get(
+        "dimension", stored["dimension"])
+    return {"status": "ok" if same else "mismatch", "stored": stored, "configured": configured}
+
+
 _default_lock = threading.Lock()
 _default_embedders: dict[str, SentenceTransformerEmbedder] = {}
 

@@ -111,3 +111,21 @@ class HealthReport(TypedDict):
     status: HealthStatus
     checks: dict[str, Any]
     latency_ms: float
+
+
+def user_record(user_id: str, row: tuple[Any, ...] | None, counts: dict[str, int],
+                first_memory_at: datetime | None, last_memory_at: datetime | None) -> User | None:
+    """A ``User`` from the users row ``(display_name, profile, created_at, updated_at)`` (or
+    ``None``) and memory statistics; ``None`` when there is neither a row nor a memory."""
+    if row is None and first_memory_at is None:
+        return None
+    stats: UserStats = {"memories": counts["visible"], "deleted": counts["deleted"],
+                        "expired": counts["expired"], "last_memory_at": last_memory_at}
+    return {
+        "user_id": user_id,
+        "display_name": row[0] if row else None,
+        "profile": dict(row[1]) if row else {},
+        "created_at": row[2] if row else first_memory_at,
+        "updated_at": row[3] if row else None,
+        "stats": stats,
+    }

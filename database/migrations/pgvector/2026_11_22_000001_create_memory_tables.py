@@ -5,8 +5,8 @@ a generated ``tsvector`` (english configuration) with a GIN index; tags are ``te
 index (``tags @> ARRAY[...]`` and ``&&`` use it); btree indexes serve the tenancy filters and the
 keyset pagination. Times are ``timestamptz``. ``memories`` leaves 15% of each page free
 (fillfactor 85) so that the access-count update every recall makes stays a HOT update, which
-touches no index (an HNSW insertion per recalled row would cost milliseconds). ``pk`` (bigint identity) is the internal key; public
-ids are text, as in the SQLite schema.
+touches no index (an HNSW insertion per recalled row would cost milliseconds). ``pk`` (bigint
+identity) is the internal key; public ids are text, as in the SQLite schema.
 """
 
 from __future__ import annotations

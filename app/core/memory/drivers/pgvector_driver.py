@@ -40,7 +40,12 @@ from app.core.database.migrator import migrations_dir
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
-from app.core.memory.embeddings import Embedder, get_default_embedder, identity_mismatch
+from app.core.memory.embeddings import (
+    Embedder,
+    get_default_embedder,
+    identity_check,
+    identity_mismatch,
+)
 from app.core.memory.errors import (
     BackendUnavailableError,
     InvalidInputError,
@@ -56,7 +61,7 @@ from app.core.memory.records import (
     MemoryInput,
     MemoryPage,
     User,
-    UserStats,
+    user_record,
 )
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
@@ -356,7 +361,7 @@ class PgvectorDriver(BaseMemoryDriver):
                 checks["pgvector"] = {"status": "ok" if row else "missing",
                                       "version": row[0] if row else None}
                 checks["migrations"] = _migration_check(conn)
-                checks["embedding"] = self._embedding_check(conn)
+                checks["embedding"] = identity_check(_stored_identity(conn), self.embedder)
             if checks["migrations"]["status"] == "not_migrated" or not row:
                 status = "down"
             elif checks["migrations"]["status"] != "ok" or checks["embedding"]["status"] not in (
@@ -580,18 +585,9 @@ class PgvectorDriver(BaseMemoryDriver):
             first, last = conn.execute(
                 "SELECT MIN(created_at), MAX(created_at) FROM memories WHERE user_id = %s",
                 (user_id,)).fetchone()
-        if row is None and first is None:
-            return None
-        stats: UserStats = {"memories": counts["visible"], "deleted": counts["deleted"],
-                            "expired": counts["expired"], "last_memory_at": _utc(last)}
-        return {
-            "user_id": user_id,
-            "display_name": row[0] if row else None,
-            "profile": row[1] if row else {},
-            "created_at": _utc(row[2] if row else first),
-            "updated_at": _utc(row[3]) if row else None,
-            "stats": stats,
-        }
+        if row is not None:
+            row = (row[0], row[1], _utc(row[2]), _utc(row[3]))
+        return user_record(user_id, row, counts, _utc(first), _utc(last))
 
     @_translate_errors
     def get_profile(self, user_id: str) -> dict[str, Any]:
@@ -725,18 +721,6 @@ class PgvectorDriver(BaseMemoryDriver):
                      f"SET LOCAL hnsw.ef_search = {max(40, int(values['depth']))}")
         rows: list[tuple[Any, ...]] = conn.execute(sql, values).fetchall()
         return rows
-
-    def _embedding_check(self, conn: Any) -> dict[str, Any]:
-        stored = _stored_identity(conn)
-        configured: dict[str, Any] = {"model": self.embedder.model_name}
-        if getattr(self.embedder, "is_loaded", True):
-            configured["dimension"] = self.embedder.dimension
-        if stored is None:
-            return {"status": "unrecorded", "configured": configured}
-        same = stored["model"] == configured["model"] and stored["dimension"] == configured.get(
-            "dimension", stored["dimension"])
-        return {"status": "ok" if same else "mismatch", "stored": stored,
-                "configured": configured}
 
 
 # -- module helpers -------------------------------------------------------------------------

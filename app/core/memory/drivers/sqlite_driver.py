@@ -40,7 +40,12 @@ from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers.vector_cache import VectorCache
-from app.core.memory.embeddings import Embedder, get_default_embedder, identity_mismatch
+from app.core.memory.embeddings import (
+    Embedder,
+    get_default_embedder,
+    identity_check,
+    identity_mismatch,
+)
 from app.core.memory.errors import (
     BackendUnavailableError,
     InvalidInputError,
@@ -55,7 +60,7 @@ from app.core.memory.records import (
     MemoryInput,
     MemoryPage,
     User,
-    UserStats,
+    user_record,
 )
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
@@ -325,7 +330,7 @@ class SqliteDriver(BaseMemoryDriver):
             conn.execute("SELECT 1").fetchone()
             checks["database"]["status"] = "ok"
             checks["migrations"] = self._migration_check(conn)
-            checks["embedding"] = self._embedding_check(conn)
+            checks["embedding"] = identity_check(_stored_identity(conn), self.embedder)
             if checks["migrations"]["status"] != "ok" or checks["embedding"]["status"] not in (
                 "ok", "unrecorded"
             ):
@@ -544,24 +549,17 @@ class SqliteDriver(BaseMemoryDriver):
     def get_user(self, user_id: str) -> User | None:
         user_id = check_id(user_id, "user_id")
         with self._read() as conn:
-            row = conn.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            row = conn.execute(
+                "SELECT display_name, profile, created_at, updated_at FROM users "
+                "WHERE user_id = ?", (user_id,)).fetchone()
             counts = _memory_counts(conn, user_id, time.time())
             first, last = conn.execute(
                 "SELECT MIN(created_at), MAX(created_at) FROM memories WHERE user_id = ?",
                 (user_id,),
             ).fetchone()
-        if row is None and first is None:
-            return None
-        stats: UserStats = {"memories": counts["visible"], "deleted": counts["deleted"],
-                            "expired": counts["expired"], "last_memory_at": _dt(last)}
-        return {
-            "user_id": user_id,
-            "display_name": row["display_name"] if row else None,
-            "profile": json.loads(row["profile"]) if row else {},
-            "created_at": _dt(row["created_at"] if row else first),
-            "updated_at": _dt(row["updated_at"]) if row else None,
-            "stats": stats,
-        }
+        if row is not None:
+            row = (row[0], json.loads(row[1]), _dt(row[2]), _dt(row[3]))
+        return user_record(user_id, row, counts, _dt(first), _dt(last))
 
     @_translate_errors
     def get_profile(self, user_id: str) -> dict[str, Any]:
@@ -781,18 +779,6 @@ class SqliteDriver(BaseMemoryDriver):
             return {"status": "not_migrated", "pending": pending,
                     "hint": "run `python migrate.py`"}
         return {"status": "pending" if pending else "ok", "pending": pending}
-
-    def _embedding_check(self, conn: sqlite3.Connection) -> dict[str, Any]:
-        stored = _stored_identity(conn)
-        configured: dict[str, Any] = {"model": self.embedder.model_name}
-        if getattr(self.embedder, "is_loaded", True):
-            configured["dimension"] = self.embedder.dimension
-        if stored is None:
-            return {"status": "unrecorded", "configured": configured}
-        same = stored["model"] == configured["model"] and stored["dimension"] == configured.get(
-            "dimension", stored["dimension"])
-        return {"status": "ok" if same else "mismatch", "stored": stored,
-                "configured": configured}
 
 
 # -- module helpers -------------------------------------------------------------------------
