@@ -230,9 +230,7 @@ class PgvectorDriver(BaseMemoryDriver):
             else:
                 rows = self._candidate_rows(conn, _MEMORIES, scope, params, text, query_vector,
                                             top_k)
-                candidates = {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2],
-                                                        row[-1]) for row in rows}
-                ranked = ranking.rank_candidates(candidates, top_k, self._weights,
+                ranked = ranking.rank_candidates(_candidates(rows), top_k, self._weights,
                                                  use_vector=query_vector is not None)
             by_pk = {row[0]: row for row in rows}
             memories = []
@@ -262,11 +260,9 @@ class PgvectorDriver(BaseMemoryDriver):
         with self._connection() as conn:
             rows = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text, query_vector,
                                         top_k)
-        candidates = {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2], row[-1])
-                      for row in rows}
         by_pk = {row[0]: row for row in rows}
         return [_knowledge_from_row(by_pk[pk], score)
-                for pk, score in ranking.rank_candidates(candidates, top_k, self._weights)]
+                for pk, score in ranking.rank_candidates(_candidates(rows), top_k, self._weights)]
 
     @_translate_errors
     def store(
@@ -773,6 +769,12 @@ def _memory_scope(filters: RecallFilters, now: datetime, *,
         clauses.append("NOT (m.tags && %(exclude_tags)s::text[])")
         params["exclude_tags"] = filters.exclude_tags
     return " AND ".join(clauses), params
+
+
+def _candidates(rows: list[tuple[Any, ...]]) -> dict[int, ranking.Candidate]:
+    """``_candidate_rows``' rows as ranking candidates (their last four columns)."""
+    return {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2], row[-1])
+            for row in rows}
 
 
 def _upsert_params(draft: MemoryDraft, vector: np.ndarray, now: datetime) -> tuple[Any, ...]:

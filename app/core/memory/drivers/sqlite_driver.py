@@ -710,8 +710,8 @@ class SqliteDriver(BaseMemoryDriver):
         if not pks:
             return []
         return conn.execute(
-            f"SELECT {_MEMORY_COLUMNS} FROM memories m "
-            "WHERE m.pk IN (SELECT value FROM json_each(?))",
+            f"SELECT {_MEMORY_COLUMNS} FROM json_each(?) AS wanted "
+            "CROSS JOIN memories m ON m.pk = wanted.value",
             (json.dumps(pks),),
         ).fetchall()
 

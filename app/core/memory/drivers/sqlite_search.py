@@ -220,9 +220,12 @@ def eligible_details(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
     """Those of ``pks`` that lie within ``scope``, with their importance and recency."""
     if not pks:
         return {}
+    # CROSS JOIN makes SQLite look the pks up one by one; left to itself it may walk every row
+    # of the user through the user_id index instead.
     rows = conn.execute(
-        f"SELECT m.pk, {corpus.importance}, {corpus.recency} FROM {corpus.source} "
-        f"WHERE m.pk IN (SELECT value FROM json_each(?)) AND {scope.sql}",
+        f"SELECT m.pk, {corpus.importance}, {corpus.recency} "
+        f"FROM json_each(?) AS wanted CROSS JOIN {corpus.source} "
+        f"WHERE m.pk = wanted.value AND {scope.sql}",
         (json.dumps([int(pk) for pk in pks]), *scope.params),
     ).fetchall()
     return {pk: Candidate(pk, importance, recency) for pk, importance, recency in rows}
