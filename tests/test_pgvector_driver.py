@@ -133,6 +133,9 @@ def test_a_call_on_a_connection_killed_mid_query_raises_backend_unavailable(
     assert driver.recall("alice")[0]["content"] == "warm up"
 
 
+@pytest.mark.skipif(os.environ.get("MEMORY_TEST_RESTART_POSTGRES") != "1",
+                    reason="stops and starts the machine's PostgreSQL server, which other work "
+                           "may be using: set MEMORY_TEST_RESTART_POSTGRES=1 to run it (CI does)")
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None,
                     reason="restarting PostgreSQL needs root and Debian's pg_ctlcluster")
 def test_server_restart_is_survived(driver: PgvectorDriver):
