@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -296,6 +297,30 @@ class MemoryChanges:
             self.content is None and self.tags is None and self.metadata is None
             and self.importance is None and self.expires_at is None and not self.clear_expiry
         )
+
+
+@dataclass(frozen=True)
+class KnowledgeDraft:
+    """The checked arguments of ``store_global_knowledge`` (``doc_id`` generated if absent)."""
+
+    content: str
+    category: str
+    title: str | None
+    doc_id: str
+    metadata: dict[str, Any]
+
+
+def prepare_knowledge(content: Any, category: Any, title: Any = None, doc_id: Any = None,
+                      metadata: Any = None) -> KnowledgeDraft:
+    """Check every argument of ``store_global_knowledge``; a missing ``doc_id`` becomes
+    ``doc_`` + 16 hex characters."""
+    return KnowledgeDraft(
+        content=check_text(content, "content", max_chars=MAX_KNOWLEDGE_CHARS),
+        category=check_id(category, "category"),
+        title=None if title is None else check_text(title, "title", max_chars=MAX_TITLE_CHARS),
+        doc_id=check_optional_id(doc_id, "doc_id") or f"doc_{secrets.token_hex(8)}",
+        metadata=check_metadata(metadata),
+    )
 
 
 def prepare_store(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import secrets
 import threading
 import time
 import uuid
@@ -40,11 +39,10 @@ from app.core.database.migrator import migrations_dir
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
+from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.embeddings import (
     Embedder,
-    get_default_embedder,
     identity_check,
-    identity_mismatch,
 )
 from app.core.memory.errors import (
     BackendUnavailableError,
@@ -65,11 +63,9 @@ from app.core.memory.records import (
 )
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
-    MAX_KNOWLEDGE_CHARS,
     MAX_PAGE_SIZE,
     MAX_PROFILE_BYTES,
     MAX_QUERY_CHARS,
-    MAX_TITLE_CHARS,
     MemoryDraft,
     RecallFilters,
     check_bool,
@@ -78,7 +74,6 @@ from app.core.memory.validation import (
     check_display_name,
     check_id,
     check_json_object,
-    check_metadata,
     check_optional_id,
     check_positive_int,
     check_query,
@@ -87,6 +82,7 @@ from app.core.memory.validation import (
     check_top_k,
     prepare_changes,
     prepare_filters,
+    prepare_knowledge,
     prepare_store,
     prepare_store_many,
 )
@@ -112,7 +108,6 @@ _UPSERT_MEMORY = (
     "embedding = EXCLUDED.embedding, deleted_at = NULL "
     f"RETURNING {_MEMORY_COLUMNS}"
 )
-_USER_ID_ATTEMPTS = 5
 
 
 def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
@@ -132,7 +127,7 @@ def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class PgvectorDriver(BaseMemoryDriver):
+class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
     """Memories, knowledge and users in PostgreSQL + pgvector (see the module docstring)."""
 
     name = "pgvector"
@@ -183,13 +178,6 @@ class PgvectorDriver(BaseMemoryDriver):
             exact_scan_max_rows=settings.pg_exact_scan_max_rows,
             retention=timedelta(days=settings.soft_delete_retention_days),
         )
-
-    @property
-    def embedder(self) -> Embedder:
-        """The embedder in use (the process-wide default unless one was injected)."""
-        if self._embedder is None:
-            self._embedder = get_default_embedder()
-        return self._embedder
 
     # -- the six verbs of the original design ---------------------------------------------------
 
@@ -300,12 +288,9 @@ class PgvectorDriver(BaseMemoryDriver):
         doc_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> KnowledgeDocument:
-        content = check_text(content, "content", max_chars=MAX_KNOWLEDGE_CHARS)
-        category = check_id(category, "category")
-        title = None if title is None else check_text(title, "title", max_chars=MAX_TITLE_CHARS)
-        doc_id = check_optional_id(doc_id, "doc_id") or f"doc_{secrets.token_hex(8)}"
-        meta = check_metadata(metadata)
-        chunks = chunk_text(content)
+        draft = prepare_knowledge(content, category, title, doc_id, metadata)
+        doc_id, meta = draft.doc_id, draft.metadata
+        chunks = chunk_text(draft.content)
         vectors = self._embed_documents(chunks)
         now = _utcnow()
         with self._connection() as conn:
@@ -318,7 +303,7 @@ class PgvectorDriver(BaseMemoryDriver):
                 "chunk_count = EXCLUDED.chunk_count, updated_at = EXCLUDED.updated_at "
                 "RETURNING pk, doc_id, category, title, metadata, chunk_count, created_at, "
                 "updated_at",
-                (doc_id, category, title, _jsonb(meta), len(chunks), now, now),
+                (doc_id, draft.category, draft.title, _jsonb(meta), len(chunks), now, now),
             ).fetchone()
             conn.execute("DELETE FROM knowledge_chunks WHERE document_pk = %s", (document[0],))
             with conn.cursor() as cursor:
@@ -554,21 +539,18 @@ class PgvectorDriver(BaseMemoryDriver):
         name = check_display_name(display_name)
         stored_profile = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
         now = _utcnow()
-        for _ in range(_USER_ID_ATTEMPTS):
-            candidate = chosen or f"user_{secrets.token_hex(4)}"
+
+        def insert(candidate: str) -> bool:
             with self._connection() as conn:
-                inserted = conn.execute(
+                return conn.execute(
                     "INSERT INTO users (user_id, display_name, profile, created_at, updated_at) "
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO NOTHING",
                     (candidate, name, _jsonb(stored_profile), now, now),
-                ).rowcount
-            if inserted:
-                user = self.get_user(candidate)
-                assert user is not None
-                return user
-            if chosen:
-                raise InvalidInputError(f"user_id {chosen!r} already exists")
-        raise BackendUnavailableError("could not generate a free user id; try again")
+                ).rowcount > 0
+
+        user = self.get_user(claim_user_id(chosen, insert))
+        assert user is not None
+        return user
 
     @_translate_errors
     def get_user(self, user_id: str) -> User | None:
@@ -647,27 +629,16 @@ class PgvectorDriver(BaseMemoryDriver):
                 self._schema_checked = True
             yield conn
 
-    def _embed_documents(self, texts: list[str]) -> np.ndarray:
-        self._check_identity()
-        return self.embedder.embed_documents(texts)
-
-    def _embed_query(self, text: str) -> np.ndarray:
-        self._check_identity()
-        return self.embedder.embed_query(text)
-
-    def _check_identity(self) -> None:
-        """Record the embedding model on first use; refuse to mix vectors of another model."""
-        if self._identity_checked:
-            return
-        model, dimension = self.embedder.model_name, self.embedder.dimension
+    def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
         with self._connection() as conn:
             conn.execute(
                 "INSERT INTO embedding_identity (id, model, dimension) VALUES (1, %s, %s) "
                 "ON CONFLICT (id) DO NOTHING", (model, dimension))
-            stored = _stored_identity(conn)
-        if stored is not None and stored != {"model": model, "dimension": dimension}:
-            raise identity_mismatch(self.url, stored, model, dimension)
-        self._identity_checked = True
+            return _stored_identity(conn)
+
+    @property
+    def _identity_location(self) -> str:
+        return self.url
 
     def _candidate_rows(self, conn: Any, corpus: _Corpus, scope: str, params: dict[str, Any],
                         text: str, query_vector: np.ndarray | None,

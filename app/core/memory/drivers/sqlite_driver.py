@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import secrets
 import sqlite3
 import threading
 import time
@@ -39,12 +38,11 @@ from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import sqlite_search as search
+from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.drivers.vector_cache import VectorCache
 from app.core.memory.embeddings import (
     Embedder,
-    get_default_embedder,
     identity_check,
-    identity_mismatch,
 )
 from app.core.memory.errors import (
     BackendUnavailableError,
@@ -64,11 +62,9 @@ from app.core.memory.records import (
 )
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
-    MAX_KNOWLEDGE_CHARS,
     MAX_PAGE_SIZE,
     MAX_PROFILE_BYTES,
     MAX_QUERY_CHARS,
-    MAX_TITLE_CHARS,
     MemoryDraft,
     check_bool,
     check_by_id,
@@ -76,7 +72,6 @@ from app.core.memory.validation import (
     check_display_name,
     check_id,
     check_json_object,
-    check_metadata,
     check_optional_id,
     check_positive_int,
     check_query,
@@ -85,6 +80,7 @@ from app.core.memory.validation import (
     check_top_k,
     prepare_changes,
     prepare_filters,
+    prepare_knowledge,
     prepare_store,
     prepare_store_many,
 )
@@ -98,7 +94,6 @@ _MEMORY_COLUMNS = (
     "m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, m.expires_at, "
     "m.deleted_at, m.created_at, m.updated_at"
 )
-_USER_ID_ATTEMPTS = 5
 
 
 def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
@@ -114,7 +109,7 @@ def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class SqliteDriver(BaseMemoryDriver):
+class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     """Memories, knowledge and users in one SQLite file (see the module docstring)."""
 
     name = "sqlite"
@@ -154,13 +149,6 @@ class SqliteDriver(BaseMemoryDriver):
             retention=timedelta(days=settings.soft_delete_retention_days),
             vector_cache_max_vectors=settings.vector_cache_max_vectors,
         )
-
-    @property
-    def embedder(self) -> Embedder:
-        """The embedder in use (the process-wide default unless one was injected)."""
-        if self._embedder is None:
-            self._embedder = get_default_embedder()
-        return self._embedder
 
     # -- the six verbs of the original design ---------------------------------------------------
 
@@ -268,12 +256,9 @@ class SqliteDriver(BaseMemoryDriver):
         doc_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> KnowledgeDocument:
-        content = check_text(content, "content", max_chars=MAX_KNOWLEDGE_CHARS)
-        category = check_id(category, "category")
-        title = None if title is None else check_text(title, "title", max_chars=MAX_TITLE_CHARS)
-        doc_id = check_optional_id(doc_id, "doc_id") or f"doc_{secrets.token_hex(8)}"
-        meta = check_metadata(metadata)
-        chunks = chunk_text(content)
+        draft = prepare_knowledge(content, category, title, doc_id, metadata)
+        doc_id, meta = draft.doc_id, draft.metadata
+        chunks = chunk_text(draft.content)
         vectors = self._embed_documents(chunks)
         now = time.time()
         with self._write() as conn:
@@ -284,7 +269,7 @@ class SqliteDriver(BaseMemoryDriver):
                 document_pk = conn.execute(
                     "INSERT INTO knowledge_documents (doc_id, category, title, metadata, "
                     "chunk_count, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (doc_id, category, title, json.dumps(meta), len(chunks), now, now),
+                    (doc_id, draft.category, draft.title, json.dumps(meta), len(chunks), now, now),
                 ).lastrowid
             else:
                 document_pk = existing["pk"]
@@ -292,7 +277,7 @@ class SqliteDriver(BaseMemoryDriver):
                 conn.execute(
                     "UPDATE knowledge_documents SET category = ?, title = ?, metadata = ?, "
                     "chunk_count = ?, updated_at = ? WHERE pk = ?",
-                    (category, title, json.dumps(meta), len(chunks), now, document_pk),
+                    (draft.category, draft.title, json.dumps(meta), len(chunks), now, document_pk),
                 )
             conn.executemany(
                 "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
@@ -529,21 +514,18 @@ class SqliteDriver(BaseMemoryDriver):
         profile_json = json.dumps(check_json_object(profile, "profile",
                                                     max_bytes=MAX_PROFILE_BYTES))
         now = time.time()
-        for _ in range(_USER_ID_ATTEMPTS):
-            candidate = chosen or f"user_{secrets.token_hex(4)}"
+
+        def insert(candidate: str) -> bool:
             with self._write() as conn:
-                inserted = conn.execute(
+                return conn.execute(
                     "INSERT INTO users (user_id, display_name, profile, created_at, updated_at) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO NOTHING",
                     (candidate, name, profile_json, now, now),
-                ).rowcount
-            if inserted:
-                user = self.get_user(candidate)
-                assert user is not None
-                return user
-            if chosen:
-                raise InvalidInputError(f"user_id {chosen!r} already exists")
-        raise BackendUnavailableError("could not generate a free user id; try again")
+                ).rowcount > 0
+
+        user = self.get_user(claim_user_id(chosen, insert))
+        assert user is not None
+        return user
 
     @_translate_errors
     def get_user(self, user_id: str) -> User | None:
@@ -656,29 +638,18 @@ class SqliteDriver(BaseMemoryDriver):
             self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max)
         return self._vectors
 
-    def _embed_documents(self, texts: list[str]) -> np.ndarray:
-        self._check_identity()
-        return self.embedder.embed_documents(texts)
-
-    def _embed_query(self, text: str) -> np.ndarray:
-        self._check_identity()
-        return self.embedder.embed_query(text)
-
-    def _check_identity(self) -> None:
-        """Record the embedding model on first use; refuse to mix vectors of another model."""
-        if self._identity_checked:
-            return
-        model, dimension = self.embedder.model_name, self.embedder.dimension
+    def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO embedding_identity (id, model, dimension, recorded_at) "
                 "VALUES (1, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (model, dimension, time.time()),
             )
-            stored = _stored_identity(conn)
-        if stored is not None and stored != {"model": model, "dimension": dimension}:
-            raise identity_mismatch(str(self.path), stored, model, dimension)
-        self._identity_checked = True
+            return _stored_identity(conn)
+
+    @property
+    def _identity_location(self) -> str:
+        return str(self.path)
 
     def _candidates(self, conn: sqlite3.Connection, corpus: search.Corpus, scope: search.Scope,
                     text: str, query_vector: np.ndarray | None, space_name: str, top_k: int,

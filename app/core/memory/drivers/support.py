@@ -1,0 +1,76 @@
+"""What the drivers that embed on their own side (sqlite, pgvector) share beyond the contract.
+
+``EmbeddingSupport`` gives them the embedder (the process-wide one unless injected) and the
+embedding-identity check made before the first vector is written or searched: the model is
+recorded in the database on first use, and a driver configured with another model refuses to mix
+its vectors in. ``claim_user_id`` is the id-generating loop of ``create_user``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from app.core.memory.embeddings import Embedder, get_default_embedder, identity_mismatch
+from app.core.memory.errors import BackendUnavailableError, InvalidInputError
+
+USER_ID_ATTEMPTS = 5
+
+
+class EmbeddingSupport:
+    """Mixin: set ``_embedder`` (or ``None``) and ``_identity_checked = False`` in ``__init__``
+    and implement ``_record_identity`` and ``_identity_location``."""
+
+    _embedder: Embedder | None
+    _identity_checked: bool
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder in use (the process-wide default unless one was injected)."""
+        if self._embedder is None:
+            self._embedder = get_default_embedder()
+        return self._embedder
+
+    def _embed_documents(self, texts: list[str]) -> np.ndarray:
+        self._check_identity()
+        return self.embedder.embed_documents(texts)
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        self._check_identity()
+        return self.embedder.embed_query(text)
+
+    def _check_identity(self) -> None:
+        if self._identity_checked:
+            return
+        model, dimension = self.embedder.model_name, self.embedder.dimension
+        stored = self._record_identity(model, dimension)
+        if stored is not None and stored != {"model": model, "dimension": dimension}:
+            raise identity_mismatch(self._identity_location, stored, model, dimension)
+        self._identity_checked = True
+
+    def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
+        """Record (model, dimension) unless one is recorded; return the recorded one."""
+        raise NotImplementedError
+
+    @property
+    def _identity_location(self) -> str:
+        """Where the vectors live, for the mismatch message."""
+        raise NotImplementedError
+
+
+def claim_user_id(chosen: str | None, insert: Callable[[str], bool]) -> str:
+    """Insert a user record under ``chosen``, or under a new ``user_`` + 8 hex id.
+
+    ``insert(user_id)`` returns whether it inserted (false: the id exists). A taken ``chosen``
+    id is bad input; generated ids are retried a few times.
+    """
+    for _ in range(USER_ID_ATTEMPTS):
+        candidate = chosen or f"user_{secrets.token_hex(4)}"
+        if insert(candidate):
+            return candidate
+        if chosen:
+            raise InvalidInputError(f"user_id {chosen!r} already exists")
+    raise BackendUnavailableError("could not generate a free user id; try again")
