@@ -38,6 +38,10 @@ class Settings:
     pg_exact_scan_max_rows: int = 5_000
     automem_url: str = "http://127.0.0.1:8001"
     automem_api_token: str = ""
+    automem_connect_timeout: float = 5.0
+    automem_read_timeout: float = 25.0
+    automem_max_tries: int = 3
+    automem_backoff_seconds: float = 0.5
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024
@@ -88,6 +92,13 @@ class Settings:
                 number("MEMORY_PG_EXACT_SCAN_MAX_ROWS", defaults.pg_exact_scan_max_rows)),
             automem_url=text("AUTOMEM_URL", text("AUTOMEM_ENDPOINT", defaults.automem_url)),
             automem_api_token=text("AUTOMEM_API_TOKEN", text("AUTOMEM_API_KEY", "")),
+            automem_connect_timeout=float(number("AUTOMEM_CONNECT_TIMEOUT",
+                                                 defaults.automem_connect_timeout, float)),
+            automem_read_timeout=float(number("AUTOMEM_READ_TIMEOUT",
+                                              defaults.automem_read_timeout, float)),
+            automem_max_tries=int(number("AUTOMEM_MAX_TRIES", defaults.automem_max_tries)) or 1,
+            automem_backoff_seconds=float(number("AUTOMEM_BACKOFF_SECONDS",
+                                                 defaults.automem_backoff_seconds, float)),
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
             embedding_batch_size=int(
                 number("MEMORY_EMBEDDING_BATCH_SIZE", defaults.embedding_batch_size)

@@ -10,9 +10,9 @@ import pytest
 
 from app.core.memory import InvalidInputError
 from app.core.memory.chunking import MAX_WORDS, OVERLAP_WORDS, chunk_text
-from app.core.memory.drivers.sqlite_search import fts_match_expression, query_terms
+from app.core.memory.drivers.sqlite_search import fts_match_expression
 from app.core.memory.embeddings import QueryVectorCache, SentenceTransformerEmbedder
-from app.core.memory.ranking import FusionWeights, fuse, rank
+from app.core.memory.ranking import FusionWeights, fuse, query_terms, rank
 from app.core.memory.validation import (
     check_expiry,
     check_id,

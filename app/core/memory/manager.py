@@ -24,6 +24,7 @@ DriverFactory = Callable[[], BaseMemoryDriver]
 BUILTIN_DRIVERS: dict[str, str] = {
     "sqlite": "app.core.memory.drivers.sqlite_driver:SqliteDriver",
     "pgvector": "app.core.memory.drivers.pgvector_driver:PgvectorDriver",
+    "automem": "app.core.memory.drivers.automem_driver:AutomemDriver",
 }
 ENTRY_POINT_GROUP = "memory_drivers"
 

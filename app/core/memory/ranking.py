@@ -31,11 +31,37 @@ keyword coverage alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 K = TypeVar("K", bound=Hashable)
+
+_MAX_QUERY_TERMS = 64
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+#: Words too common to say what a query is about (English; they still match when a query has
+#: nothing else).
+_STOP_WORD_TEXT = """
+a about above after again against all am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further had
+has have having he her here hers herself him himself his how i if in into is it its itself just
+me more most my myself no nor not now of off on once only or other our ours ourselves out over
+own same she should so some such than that the their theirs them themselves then there these
+they this those through to too under until up very was we were what when where which while who
+whom why will with would you your yours yourself yourselves
+"""
+STOP_WORDS = frozenset(_STOP_WORD_TEXT.split())
+
+
+def query_terms(text: str) -> list[str]:
+    """The distinct words of ``text`` worth matching: stop words dropped unless nothing is left."""
+    words = list(dict.fromkeys(token.lower() for token in _TOKEN.findall(text)))
+    content = [word for word in words if word not in STOP_WORDS]
+    return (content or words)[:_MAX_QUERY_TERMS]
+
+
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,26 +21,13 @@ from typing import Any
 import numpy as np
 
 from app.core.memory.drivers.vector_cache import VectorSpace
-from app.core.memory.ranking import Candidate
+from app.core.memory.ranking import Candidate, query_terms
 from app.core.memory.validation import RecallFilters
 
 #: Below this many eligible rows, a filtered vector search scores just those rows.
 SMALL_SCOPE = 5_000
-_MAX_QUERY_TOKENS = 64
-_TOKEN = re.compile(r"\w+", re.UNICODE)
 
-#: Words too common to say what a query is about (English; they still match when a query has
-#: nothing else).
-_STOP_WORD_TEXT = """
-a about above after again against all am an and any are as at be because been before being
-below between both but by can could did do does doing down during each few for from further had
-has have having he her here hers herself him himself his how i if in into is it its itself just
-me more most my myself no nor not now of off on once only or other our ours ourselves out over
-own same she should so some such than that the their theirs them themselves then there these
-they this those through to too under until up very was we were what when where which while who
-whom why will with would you your yours yourself yourselves
-"""
-STOP_WORDS = frozenset(_STOP_WORD_TEXT.split())
+
 
 
 @dataclass(frozen=True)
@@ -106,13 +92,6 @@ def knowledge_scope(category: str | None) -> Scope:
     if category is None:
         return Scope("1 = 1", ())
     return Scope("d.category = ?", (category,), narrows=True)
-
-
-def query_terms(text: str) -> list[str]:
-    """The distinct words of ``text`` worth matching: stop words dropped unless nothing is left."""
-    words = list(dict.fromkeys(token.lower() for token in _TOKEN.findall(text)))
-    content = [word for word in words if word not in STOP_WORDS]
-    return (content or words)[:_MAX_QUERY_TOKENS]
 
 
 def fts_match_expression(terms: Sequence[str]) -> str:
