@@ -1,0 +1,211 @@
+"""Retrieval quality on LoCoMo: the driver's recall against BM25 and dense-only baselines.
+
+    python -m bench.retrieval [--data PATH] [--driver sqlite|pgvector] [--output DIR]
+
+Protocol (``shared/bench/README.md``): one user per conversation, every turn one memory with
+content ``"Speaker: text"`` and metadata (dia_id, session, session date, speaker); each question is
+``recall(user, query=question, top_k=25)``; its evidence turns are the relevant set. Metrics per
+question category and overall: recall@1/5/10/25 (share of the evidence in the top k), MRR and
+NDCG@10; categories 1-4 are the headline, 5 (adversarial) is reported apart; results belonging to
+another user are counted (must be 0). Baselines, on the same texts in the same run: BM25
+(rank_bm25's BM25Okapi over lower-cased words) and dense-only exact cosine with the same model.
+The data set is for benchmarking only (CC BY-NC 4.0) and is never copied into the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core.database.migrator import PROJECT_ROOT, Migrator, migrations_dir
+from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.embeddings import get_default_embedder
+
+DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "bench" / "locomo-dev.json"
+KS = (1, 5, 10, 25)
+DIA_ID = re.compile(r"D:?(\d+):(\d+)")
+WORDS = re.compile(r"\w+")
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    """Conversations as ``{"user", "turns": [(dia_id, content, metadata)], "questions": [...]}``."""
+    conversations = []
+    for sample in json.loads(path.read_text(encoding="utf-8")):
+        talk = sample["conversation"]
+        turns = []
+        for name, value in talk.items():
+            match = re.fullmatch(r"session_(\d+)", name)
+            if not match or not isinstance(value, list):
+                continue
+            date = talk.get(f"{name}_date_time", "")
+            for turn in value:
+                turns.append((turn["dia_id"], f"{turn['speaker']}: {turn['text']}",
+                              {"dia_id": turn["dia_id"], "session": int(match.group(1)),
+                               "session_date": date, "speaker": turn["speaker"]}))
+        known = {dia_id for dia_id, _, _ in turns}
+        questions = []
+        for qa in sample["qa"]:
+            evidence = {f"D{a}:{b}" for raw in qa.get("evidence", [])
+                        for a, b in DIA_ID.findall(str(raw))} & known
+            if evidence:
+                questions.append({"question": qa["question"], "category": qa["category"],
+                                  "evidence": evidence})
+        conversations.append({"user": re.sub(r"[^A-Za-z0-9_.:@-]", "_", sample["sample_id"]),
+                              "turns": turns, "questions": questions})
+    return conversations
+
+
+def scores(ranked: Sequence[str], relevant: set[str]) -> dict[str, float]:
+    """recall@k, reciprocal rank and NDCG@10 of one ranked list of dia_ids."""
+    result = {f"recall@{k}": len(set(ranked[:k]) & relevant) / len(relevant) for k in KS}
+    first = next((i for i, dia_id in enumerate(ranked) if dia_id in relevant), None)
+    result["mrr"] = 0.0 if first is None else 1.0 / (first + 1)
+    dcg = sum(1 / math.log2(i + 2) for i, dia_id in enumerate(ranked[:10]) if dia_id in relevant)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(10, len(relevant))))
+    result["ndcg@10"] = dcg / ideal
+    return result
+
+
+def open_driver(name: str, workdir: Path) -> tuple[BaseMemoryDriver, Callable[[], None]]:
+    """A migrated, empty driver and what removes its storage afterwards."""
+    if name == "sqlite":
+        from app.core.database.migrator import SqliteMigrationDatabase
+        from app.core.memory.drivers.sqlite_driver import SqliteDriver
+
+        path = workdir / "locomo.sqlite3"
+        sqlite_db = SqliteMigrationDatabase(path)
+        Migrator(sqlite_db, migrations_dir("sqlite"), out=lambda line: None).migrate()
+        sqlite_db.close()
+        return SqliteDriver(path=path), lambda: None  # the temporary folder goes with it
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from app.core.database.postgres_migration import PostgresMigrationDatabase
+    from app.core.memory.drivers.pgvector_driver import PgvectorDriver
+
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    name = f"memory_retrieval_{secrets.token_hex(4)}"
+    url = make_conninfo(admin, dbname=name)
+    pg_db = PostgresMigrationDatabase(url, create_missing=True)
+    Migrator(pg_db, migrations_dir("pgvector"), out=lambda line: None).migrate()
+    pg_db.close()
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return PgvectorDriver(url=url), drop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--driver", choices=("sqlite", "pgvector"), default="sqlite")
+    parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        print(f"error: no data at {args.data} (pass --data)", file=sys.stderr)
+        return 2
+    conversations = load(args.data)
+    embedder = get_default_embedder()
+    from rank_bm25 import BM25Okapi
+
+    totals: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    foreign = 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        driver, remove_storage = open_driver(args.driver, Path(workdir))
+        try:
+            for conversation in conversations:
+                user, turns = conversation["user"], conversation["turns"]
+                stored = driver.store_many([{"user_id": user, "content": content, "metadata": meta}
+                                            for _, content, meta in turns])
+                dia_of = {memory["id"]: dia_id for memory, (dia_id, _, _) in zip(stored, turns,
+                                                                                   strict=True)}
+                systems = _systems(driver, user, turns, embedder, BM25Okapi)
+                for question in conversation["questions"]:
+                    for system, run in systems.items():
+                        ranked = run(question["question"])
+                        if system.startswith("recall"):
+                            foreign += sum(1 for memory_id in ranked if memory_id not in dia_of)
+                            ranked = [dia_of[m] for m in ranked if m in dia_of]
+                        totals[system][question["category"]].append(
+                            scores(ranked, question["evidence"]))
+        finally:
+            driver.close()
+            remove_storage()
+    report = _report(totals, foreign, args, time.perf_counter() - started)
+    print(report["markdown"])
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = args.output / f"retrieval-{args.driver}-{stamp}.json"
+    target.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten: {target}")
+    return 0
+
+
+def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, Any]],
+             embedder: Any, bm25_class: Any) -> dict[str, Callable[[str], list[str]]]:
+    """The ranked lists under comparison for one conversation: memory ids for the driver's
+    recalls, dia_ids for the baselines."""
+    texts = [content for _, content, _ in turns]
+    dia_ids = [dia_id for dia_id, _, _ in turns]
+    bm25 = bm25_class([WORDS.findall(text.lower()) for text in texts])
+    matrix = embedder.embed_documents(texts)
+
+    def best(values: np.ndarray) -> list[str]:
+        return [dia_ids[i] for i in np.argsort(-values, kind="stable")[:25]]
+
+    return {
+        "recall (hybrid)": lambda q: _ids(driver.recall(user, query=q, top_k=25)),
+        "recall use_vector=False": lambda q: _ids(
+            driver.recall(user, query=q, top_k=25, use_vector=False)),
+        "BM25 baseline": lambda q: best(bm25.get_scores(WORDS.findall(q.lower()))),
+        "dense baseline": lambda q: best(matrix @ embedder.embed_query(q)),
+    }
+
+
+def _ids(memories: list[Any]) -> list[str]:
+    return [memory["id"] for memory in memories]
+
+
+def _report(totals: dict[str, dict[int, list[dict[str, float]]]], foreign: int,
+            args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    metrics = [f"recall@{k}" for k in KS] + ["mrr", "ndcg@10"]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for system, by_category in totals.items():
+        groups = {"1-4": [s for c in (1, 2, 3, 4) for s in by_category.get(c, [])],
+                  "5": by_category.get(5, [])}
+        groups.update({str(c): by_category[c] for c in sorted(by_category)})
+        table[system] = {group: {m: statistics.fmean(s[m] for s in rows) for m in metrics}
+                         | {"n": len(rows)} for group, rows in groups.items() if rows}
+    lines = [f"Retrieval on {args.data.name}, driver {args.driver}, {seconds:.0f} s; results of "
+             f"another user: {foreign}", "",
+             "| system | categories | n | " + " | ".join(metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
+    for system, by_group in table.items():
+        for group in ("1-4", "5", "1", "2", "3", "4"):
+            if group in by_group:
+                row = by_group[group]
+                lines.append(f"| {system} | {group} | {int(row['n'])} | "
+                             + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
+    return {"driver": args.driver, "data": str(args.data), "foreign_results": foreign,
+            "table": table, "markdown": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
