@@ -106,16 +106,22 @@ def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, t
     ``keyword`` is the match's coverage of the query in 0..1: its bm25 divided by the bm25 a
     document would earn by holding every query term once at average length (the sum of the
     terms' idf). Unlike dividing by the best match of the query, this stays low when the best
-    match shares only a common word with the query.
+    match shares only a common word with the query. Words found in more than half the rows are
+    not matched (unless the query has no other), as bm25 gives them no weight anyway.
     """
-    terms = query_terms(text)
-    if not terms:
+    idf = _term_idf(conn, corpus, query_terms(text))
+    if not idf:
         return {}
-    ideal = _ideal_bm25(conn, corpus, terms)
+    # A word in more than half the rows has a negative idf, which FTS5 floors to ~0: it adds
+    # nothing to any score, yet matching it would make bm25 visit (nearly) every row.
+    terms = [term for term, weight in idf.items() if weight > 0] or list(idf)
+    ideal = sum(max(1e-6, idf[term]) for term in terms)
     rows = conn.execute(
         f"SELECT m.pk, -bm25({corpus.fts}), {corpus.importance}, {corpus.recency} "
-        f"FROM {corpus.source} JOIN {corpus.fts} ON {corpus.fts}.rowid = m.pk "
-        f"WHERE {corpus.fts} MATCH ? AND {scope.sql} "
+        # CROSS JOIN keeps the FTS index as the outer loop: the other way round, SQLite walks
+        # the user's rows and runs the MATCH once per row.
+        f"FROM {corpus.fts} CROSS JOIN {corpus.source} "
+        f"WHERE m.pk = {corpus.fts}.rowid AND {corpus.fts} MATCH ? AND {scope.sql} "
         f"ORDER BY bm25({corpus.fts}) LIMIT ?",
         (fts_match_expression(terms), *scope.params, depth),
     ).fetchall()
@@ -123,19 +129,21 @@ def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, t
             for pk, score, importance, recency in rows}
 
 
-def _ideal_bm25(conn: sqlite3.Connection, corpus: Corpus, terms: Sequence[str]) -> float:
-    # FTS5's own idf: log((N - n + 0.5) / (n + 0.5)), floored at 1e-6. N is the table's highest
-    # pk (O(1), and close enough: deleted rows only nudge every idf alike).
+def _term_idf(conn: sqlite3.Connection, corpus: Corpus, terms: Sequence[str]) -> dict[str, float]:
+    """FTS5's idf of each term, log((N - n + 0.5) / (n + 0.5)), before FTS5 floors it at 1e-6.
+
+    N is the table's highest pk (O(1), and close enough: deleted rows nudge every idf alike).
+    """
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (corpus.table,)).fetchone()
     total = row[0] if row else 0
-    ideal = 0.0
+    idf = {}
     for term in terms:
         (matching,) = conn.execute(
             f"SELECT COUNT(*) FROM {corpus.fts} WHERE {corpus.fts} MATCH ?",
             (fts_match_expression([term]),),
         ).fetchone()
-        ideal += max(1e-6, math.log((total - matching + 0.5) / (matching + 0.5)))
-    return ideal
+        idf[term] = math.log((total - matching + 0.5) / (matching + 0.5))
+    return idf
 
 
 def sync_space(conn: sqlite3.Connection, corpus: Corpus, space: VectorSpace, space_name: str,
