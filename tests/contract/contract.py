@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from app.core.memory import BaseMemoryDriver, InvalidInputError
+from app.core.memory import BackendUnavailableError, BaseMemoryDriver, InvalidInputError
 
 FTS_HOSTILE_QUERIES = ['"', '"unclosed', "*", "-", "NEAR", "OR", "AND NOT", "( )", "a:b", "^x",
                        "NEAR(a b, 2)", "'; DROP TABLE memories; --", "🙂 ünïcödé", "\\"]
@@ -560,6 +560,8 @@ class MemoryDriverContract:
         assert driver.stats()["users"] == 0
         assert driver.stats()["knowledge"]["documents"] == 0
 
-    def test_close_is_idempotent(self, driver: BaseMemoryDriver) -> None:
+    def test_close_is_idempotent_and_final(self, driver: BaseMemoryDriver) -> None:
         driver.close()
         driver.close()
+        with pytest.raises(BackendUnavailableError, match="closed"):
+            driver.recall("alice")

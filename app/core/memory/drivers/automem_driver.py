@@ -48,6 +48,7 @@ from typing import Any
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
+from app.core.memory.drivers.support import claim_user_id
 from app.core.memory.errors import (
     BackendUnavailableError,
     InvalidInputError,
@@ -121,6 +122,7 @@ class AutomemDriver(BaseMemoryDriver):
         self._client = client or httpx.Client(
             base_url=url or "", headers=headers,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
+        self._closed = False
         self._max_tries = max(1, max_tries)
         self._backoff = backoff_seconds
         self._retention = retention
@@ -485,8 +487,6 @@ class AutomemDriver(BaseMemoryDriver):
         chosen = check_optional_id(user_id, "user_id")
         name = check_display_name(display_name)
         stored_profile = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
-        from app.core.memory.drivers.support import claim_user_id
-
         def insert(candidate: str) -> bool:
             if self._user_record(candidate) is not None:
                 return False
@@ -533,6 +533,7 @@ class AutomemDriver(BaseMemoryDriver):
         return stored
 
     def close(self) -> None:
+        self._closed = True
         self._client.close()
 
     # -- private helpers ----------------------------------------------------------------------
@@ -540,6 +541,8 @@ class AutomemDriver(BaseMemoryDriver):
     def _request(self, method: str, path: str, *, params: Any = None, body: Any = None,
                  creates: bool = False, not_found: Any = "raise") -> Any:
         """One API call with retries; returns the decoded body (or ``not_found`` on a 404)."""
+        if self._closed:
+            raise BackendUnavailableError("this AutomemDriver is closed")
         httpx = self._httpx
         reason = ""
         for attempt in range(self._max_tries):
