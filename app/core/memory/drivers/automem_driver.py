@@ -175,8 +175,10 @@ class AutomemDriver(BaseMemoryDriver):
         if text and not use_vector and not terms:
             return []  # keyword search with no word to match
         found: list[Memory] = []
+        metadata_of: dict[str, dict[str, Any]] = {}
         for result in body.get("results") or []:
-            memory = _memory_from_server(result.get("memory") or {}, result.get("id"))
+            server = result.get("memory") or {}
+            memory = _memory_from_server(server, result.get("id"))
             if memory is None or not _visible(memory, filters, now):
                 continue
             if terms and not terms & set(ranking.query_terms(memory["content"])):
@@ -184,11 +186,12 @@ class AutomemDriver(BaseMemoryDriver):
             memory["score"] = 1.0 if not text else _clip(result.get("final_score",
                                                                      result.get("score")))
             found.append(memory)
+            metadata_of[memory["id"]] = server["metadata"]
         if text:
             found.sort(key=lambda m: (m["score"], m["created_at"]), reverse=True)
         memories = found[:top_k]
         for memory in memories:
-            self._record_access(memory, now)
+            self._record_access(memory, metadata_of[memory["id"]], now)
         return memories
 
     def recall_global_knowledge(
@@ -708,14 +711,12 @@ class AutomemDriver(BaseMemoryDriver):
         else:
             self._patch(record["id"], metadata=metadata)
 
-    def _record_access(self, memory: Memory, now: datetime) -> None:
-        server = self._server_memory(memory["id"])
-        if server is None:
-            return
-        layer = _layer(server)
+    def _record_access(self, memory: Memory, metadata: dict[str, Any], now: datetime) -> None:
+        """Count one access, patching the metadata the recall just read (no extra GET)."""
+        layer = metadata[LAYER]
         layer["access_count"] = int(layer.get("access_count") or 0) + 1
         layer["last_accessed_at"] = now.isoformat()
-        self._patch(memory["id"], metadata=server["metadata"], last_accessed=now.isoformat())
+        self._patch(memory["id"], metadata=metadata, last_accessed=now.isoformat())
         memory["access_count"] = layer["access_count"]
         memory["last_accessed_at"] = now
 
