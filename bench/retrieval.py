@@ -1,6 +1,6 @@
 """Retrieval quality on LoCoMo: the driver's recall against BM25 and dense-only baselines.
 
-    python -m bench.retrieval [--data PATH] [--driver sqlite|pgvector] [--output DIR]
+    python -m bench.retrieval [--data PATH] [--driver sqlite|pgvector] [--output DIR] [--sweep]
 
 Protocol (``shared/bench/README.md``): one user per conversation, every turn one memory with
 content ``"Speaker: text"`` and metadata (dia_id, session, session date, speaker); each question is
@@ -18,10 +18,8 @@ import argparse
 import json
 import math
 import re
-import secrets
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -31,10 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from app.core.database.migrator import PROJECT_ROOT, Migrator, migrations_dir
+from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.embeddings import get_default_embedder
+from app.core.memory.ranking import FusionWeights
+from bench.backends import open_backend
 
+#: The weightings (vector, keyword, importance) ``--sweep`` compares with the default.
+SWEEP = [FusionWeights(v, round(1 - v, 2), 0.05) for v in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "bench" / "locomo-dev.json"
 KS = (1, 5, 10, 25)
 DIA_ID = re.compile(r"D:?(\d+):(\d+)")
@@ -80,42 +82,13 @@ def scores(ranked: Sequence[str], relevant: set[str]) -> dict[str, float]:
     return result
 
 
-def open_driver(name: str, workdir: Path) -> tuple[BaseMemoryDriver, Callable[[], None]]:
-    """A migrated, empty driver and what removes its storage afterwards."""
-    if name == "sqlite":
-        from app.core.database.migrator import SqliteMigrationDatabase
-        from app.core.memory.drivers.sqlite_driver import SqliteDriver
-
-        path = workdir / "locomo.sqlite3"
-        sqlite_db = SqliteMigrationDatabase(path)
-        Migrator(sqlite_db, migrations_dir("sqlite"), out=lambda line: None).migrate()
-        sqlite_db.close()
-        return SqliteDriver(path=path), lambda: None  # the temporary folder goes with it
-    import psycopg
-    from psycopg.conninfo import make_conninfo
-
-    from app.core.database.postgres_migration import PostgresMigrationDatabase
-    from app.core.memory.drivers.pgvector_driver import PgvectorDriver
-
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    name = f"memory_retrieval_{secrets.token_hex(4)}"
-    url = make_conninfo(admin, dbname=name)
-    pg_db = PostgresMigrationDatabase(url, create_missing=True)
-    Migrator(pg_db, migrations_dir("pgvector"), out=lambda line: None).migrate()
-    pg_db.close()
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return PgvectorDriver(url=url), drop
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--driver", choices=("sqlite", "pgvector"), default="sqlite")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "bench" / "results")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also rank with each fusion weighting of SWEEP (the tuning run)")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         print(f"error: no data at {args.data} (pass --data)", file=sys.stderr)
@@ -127,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     totals: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     foreign = 0
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
-        driver, remove_storage = open_driver(args.driver, Path(workdir))
+    with open_backend(args.driver) as backend:
+        driver = backend.driver()
+        variants = {f"recall, weights {w.vector}/{w.keyword}/{w.importance}":
+                    backend.driver(weights=w) for w in (SWEEP if args.sweep else ())}
         try:
             for conversation in conversations:
                 user, turns = conversation["user"], conversation["turns"]
@@ -137,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dia_of = {memory["id"]: dia_id for memory, (dia_id, _, _) in zip(stored, turns,
                                                                                    strict=True)}
                 systems = _systems(driver, user, turns, embedder, BM25Okapi)
+                systems.update({label: _recall_ids(variant, user)
+                                for label, variant in variants.items()})
                 for question in conversation["questions"]:
                     for system, run in systems.items():
                         ranked = run(question["question"])
@@ -146,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         totals[system][question["category"]].append(
                             scores(ranked, question["evidence"]))
         finally:
-            driver.close()
-            remove_storage()
+            for opened in (driver, *variants.values()):
+                opened.close()
     report = _report(totals, foreign, args, time.perf_counter() - started)
     print(report["markdown"])
     args.output.mkdir(parents=True, exist_ok=True)
@@ -171,12 +148,16 @@ def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, An
         return [dia_ids[i] for i in np.argsort(-values, kind="stable")[:25]]
 
     return {
-        "recall (hybrid)": lambda q: _ids(driver.recall(user, query=q, top_k=25)),
+        "recall (hybrid)": _recall_ids(driver, user),
         "recall use_vector=False": lambda q: _ids(
             driver.recall(user, query=q, top_k=25, use_vector=False)),
         "BM25 baseline": lambda q: best(bm25.get_scores(WORDS.findall(q.lower()))),
         "dense baseline": lambda q: best(matrix @ embedder.embed_query(q)),
     }
+
+
+def _recall_ids(driver: BaseMemoryDriver, user: str) -> Callable[[str], list[str]]:
+    return lambda q: _ids(driver.recall(user, query=q, top_k=25))
 
 
 def _ids(memories: list[Any]) -> list[str]:

@@ -184,6 +184,10 @@ def _load_sentence_transformer(model_name: str) -> Any:
     # Never reach for a hub at run time: weights come from an installed package or a local path.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # torch's OpenMP threads otherwise spin for a while after every encode, and a recall's
+    # matrix scan (or the database, on the same cores) right after one ran 3-10x slower (bench/).
+    # Read when torch loads: no effect if the application imported torch already.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:

@@ -68,8 +68,8 @@ def query_terms(text: str) -> list[str]:
 class FusionWeights:
     """Weights of the fused score's terms; all non-negative, not all zero."""
 
-    vector: float = 0.7
-    keyword: float = 0.3
+    vector: float = 0.5
+    keyword: float = 0.5
     importance: float = 0.05
 
     def __post_init__(self) -> None:

@@ -422,19 +422,25 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         drafts = prepare_store_many(items, now=now)
         if not drafts:
             return []
-        vectors = self._embed_documents([draft.content for draft in drafts])
+        # Chunk i+1 is encoded while chunk i is written, all in one transaction; the first
+        # chunk is encoded before a connection is taken from the pool.
+        chunks = self._embed_in_chunks([draft.content for draft in drafts])
+        vectors = next(chunks)
         rows = []
         with self._connection() as conn, conn.cursor() as cursor:
-            cursor.executemany(
-                _UPSERT_MEMORY,
-                [_upsert_params(draft, vector, now)
-                 for draft, vector in zip(drafts, vectors, strict=True)],
-                returning=True,
-            )
-            while True:
-                rows.append(cursor.fetchone())
-                if not cursor.nextset():
-                    break
+            while vectors is not None:
+                part = drafts[len(rows):len(rows) + len(vectors)]
+                cursor.executemany(
+                    _UPSERT_MEMORY,
+                    [_upsert_params(draft, vector, now)
+                     for draft, vector in zip(part, vectors, strict=True)],
+                    returning=True,
+                )
+                while True:
+                    rows.append(cursor.fetchone())
+                    if not cursor.nextset():
+                        break
+                vectors = next(chunks, None)
         return [_memory_from_row(row) for row in rows]
 
     @_translate_errors

@@ -655,15 +655,15 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                     text: str, query_vector: np.ndarray | None, space_name: str, top_k: int,
                     space_params: tuple[Any, ...]) -> dict[int, ranking.Candidate]:
         depth = ranking.candidate_depth(top_k)
-        found = search.keyword_candidates(conn, corpus, scope, text, depth)
         if query_vector is None:
-            return found
+            return search.keyword_candidates(conn, corpus, scope, text, depth)
         space = self._vector_cache().space(space_name)
         owner = "AND user_id = ? " if space_params else ""
         rows_sql = (f"SELECT pk, embedding FROM {corpus.table} WHERE 1 = 1 {owner}"
                     "AND vec_seq > ?")
         with space.lock:
             search.sync_space(conn, corpus, space, space_name, rows_sql, space_params)
+        found = search.keyword_candidates(conn, corpus, scope, text, depth)
         nearest = search.vector_candidates(conn, corpus, scope, space, query_vector, depth)
         # Keyword-only finds get their true cosine too, so fusion compares like with like.
         with space.lock:

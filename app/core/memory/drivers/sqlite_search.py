@@ -26,6 +26,10 @@ from app.core.memory.validation import RecallFilters
 
 #: Below this many eligible rows, a filtered vector search scores just those rows.
 SMALL_SCOPE = 5_000
+#: Query words found in more than this share of the rows are not matched, unless the query has
+#: nothing rarer (tuned on LoCoMo, see ``ranking.py``).
+COMMON_TERM_SHARE = 0.1
+_COMMON_IDF = math.log((1 - COMMON_TERM_SHARE) / COMMON_TERM_SHARE)
 
 
 
@@ -106,15 +110,15 @@ def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, t
     ``keyword`` is the match's coverage of the query in 0..1: its bm25 divided by the bm25 a
     document would earn by holding every query term once at average length (the sum of the
     terms' idf). Unlike dividing by the best match of the query, this stays low when the best
-    match shares only a common word with the query. Words found in more than half the rows are
-    not matched (unless the query has no other), as bm25 gives them no weight anyway.
+    match shares only a common word with the query. Words found in more than
+    ``COMMON_TERM_SHARE`` of the rows are not matched (unless the query has no other).
     """
     idf = _term_idf(conn, corpus, query_terms(text))
     if not idf:
         return {}
-    # A word in more than half the rows has a negative idf, which FTS5 floors to ~0: it adds
-    # nothing to any score, yet matching it would make bm25 visit (nearly) every row.
-    terms = [term for term, weight in idf.items() if weight > 0] or list(idf)
+    # A common word adds little to any score (past half the rows, FTS5 floors its idf to ~0),
+    # yet matching it makes bm25 visit a large share of the rows.
+    terms = [term for term, weight in idf.items() if weight > _COMMON_IDF] or list(idf)
     ideal = sum(max(1e-6, idf[term]) for term in terms)
     rows = conn.execute(
         f"SELECT m.pk, -bm25({corpus.fts}), {corpus.importance}, {corpus.recency} "
@@ -186,8 +190,7 @@ def vector_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, sp
                 cosines = space.similarities_of((pk for (pk,) in eligible), query)
             nearest = sorted(cosines, key=cosines.__getitem__, reverse=True)[:depth]
             return _with_cosines(eligible_details(conn, corpus, scope, nearest), cosines)
-    with space.lock:
-        pks, scores = space.similarities(query)
+    pks, scores = space.scan(query)
     found: dict[int, Candidate] = {}
     taken, window = 0, 2 * depth
     while len(found) < depth and taken < len(pks):

@@ -9,7 +9,8 @@ its vectors in. ``claim_user_id`` is the id-generating loop of ``create_user``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from app.core.memory.embeddings import Embedder, get_default_embedder, identity_
 from app.core.memory.errors import BackendUnavailableError, InvalidInputError
 
 USER_ID_ATTEMPTS = 5
+#: Texts per chunk when a batch is encoded while earlier chunks are written.
+EMBED_CHUNK_SIZE = 64
 
 
 class EmbeddingSupport:
@@ -37,6 +40,27 @@ class EmbeddingSupport:
     def _embed_documents(self, texts: list[str]) -> np.ndarray:
         self._check_identity()
         return self.embedder.embed_documents(texts)
+
+    def _embed_in_chunks(self, texts: list[str],
+                         chunk_size: int = EMBED_CHUNK_SIZE) -> Iterator[np.ndarray]:
+        """The vectors of ``texts``, ``chunk_size`` at a time, in order.
+
+        While the caller writes one chunk, the next is encoded on a worker thread (the model and
+        the database client both release the GIL), so a large batch costs about the larger of
+        the two, not their sum. Closing the iterator early waits for the chunk in flight.
+        """
+        self._check_identity()
+        chunks = [texts[i:i + chunk_size] for i in range(0, len(texts), chunk_size)]
+        if len(chunks) <= 1:
+            yield from (self.embedder.embed_documents(chunk) for chunk in chunks)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-ahead") as worker:
+            pending = worker.submit(self.embedder.embed_documents, chunks[0])
+            for following in chunks[1:]:
+                vectors = pending.result()
+                pending = worker.submit(self.embedder.embed_documents, following)
+                yield vectors
+            yield pending.result()
 
     def _embed_query(self, text: str) -> np.ndarray:
         self._check_identity()

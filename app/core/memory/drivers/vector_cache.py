@@ -55,10 +55,11 @@ class VectorSpace:
                 self.size += 1
             self.matrix[position] = vector
 
-    def similarities(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pks, cosine similarities) of every row, as new arrays the caller may keep."""
-        scores = self.matrix[: self.size] @ query
-        return self.pks[: self.size].copy(), scores
+    def scan(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pks, cosine similarities) of every row, as new arrays; takes ``lock`` itself."""
+        with self.lock:
+            scores = self.matrix[: self.size] @ query
+            return self.pks[: self.size].copy(), scores
 
     def similarities_of(self, pks: Iterable[int], query: np.ndarray) -> dict[int, float]:
         """Cosine similarity of each given pk that this space holds."""
