@@ -96,3 +96,19 @@ def empty_pg(pg_url: str) -> str:
     with psycopg.connect(pg_url, autocommit=True) as connection:
         connection.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY CASCADE")
     return pg_url
+
+
+@pytest.fixture
+def blank_database() -> Iterator[str]:
+    """A PostgreSQL database with nothing in it (not even migrated), dropped afterwards."""
+    import secrets
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    name = f"memory_blank_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(PG_ADMIN_URL, dbname=name)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

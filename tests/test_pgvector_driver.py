@@ -20,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 from app.core.memory import BackendUnavailableError, SchemaNotMigratedError
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
+from app.core.memory.drivers.support import EMBED_CHUNK_SIZE
 from app.core.memory.embeddings import SentenceTransformerEmbedder
 from app.core.memory.ranking import FusionWeights
 from tests.conftest import PG_ADMIN_URL, PROJECT_ROOT
@@ -35,17 +36,6 @@ def driver(empty_pg: str, embedder: SentenceTransformerEmbedder) -> Iterator[Pgv
     driver = PgvectorDriver(url=empty_pg, embedder=embedder, pool_max_size=4, pool_timeout=2.0)
     yield driver
     driver.close()
-
-
-@pytest.fixture
-def blank_database() -> Iterator[str]:
-    """A database with nothing in it, dropped afterwards."""
-    name = f"memory_blank_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(PG_ADMIN_URL, dbname=name)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def note(i: int) -> str:
@@ -87,6 +77,52 @@ def test_filtered_vector_recall_equals_exact_search(
     assert np.mean(overlap) >= 0.95
     exact_first.close()
     index_only.close()
+
+
+class FailingEmbedder:
+    """The real model, except that one call fails: a model error cannot be caused for real
+    mid-batch, so this double stands in for it."""
+
+    def __init__(self, model: SentenceTransformerEmbedder, fail_on_call: int) -> None:
+        self.model, self.fail_on_call, self.calls = model, fail_on_call, 0
+        self.model_name, self.dimension = model.model_name, model.dimension
+
+    def embed_documents(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("the model failed on this chunk")
+        return self.model.embed_documents(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.model.embed_query(text)
+
+
+def test_store_many_across_chunks_keeps_order_and_vectors(
+        driver: PgvectorDriver, embedder: SentenceTransformerEmbedder, empty_pg: str):
+    texts = [note(i) for i in range(3 * EMBED_CHUNK_SIZE + 5)]  # four chunks, the last short
+    stored = driver.store_many([{"user_id": "u", "content": text} for text in texts])
+    assert [memory["content"] for memory in stored] == texts
+    with psycopg.connect(empty_pg) as conn:
+        rows = dict(conn.execute("SELECT id, embedding::text FROM memories").fetchall())
+    expected = embedder.embed_documents(texts)
+    for memory, vector in zip(stored, expected, strict=True):
+        saved = np.array(rows[memory["id"]].strip("[]").split(","), dtype=np.float32)
+        np.testing.assert_allclose(saved, vector, atol=1e-6)
+
+
+def test_store_many_writes_nothing_when_a_later_chunk_fails_to_embed(
+        empty_pg: str, embedder: SentenceTransformerEmbedder):
+    failing = FailingEmbedder(embedder, fail_on_call=3)
+    driver = PgvectorDriver(url=empty_pg, embedder=failing)
+    try:
+        with pytest.raises(RuntimeError, match="failed on this chunk"):
+            driver.store_many([{"user_id": "u", "content": note(i)}
+                               for i in range(4 * EMBED_CHUNK_SIZE)])
+        assert failing.calls == 3  # chunks 1 and 2 were written inside the transaction
+        with psycopg.connect(empty_pg) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM memories").fetchone() == (0,)
+    finally:
+        driver.close()
 
 
 def test_killed_backends_are_survived(driver: PgvectorDriver, empty_pg: str):

@@ -1,0 +1,185 @@
+"""Bad input, fuzzed: every public verb of every driver, and the CLI, fed hypothesis-generated
+arguments mixing plausible values with NUL bytes, huge strings, SQL and FTS metacharacters,
+unicode, NaN and infinities, wrong types, other users' ids and deleted ids.
+
+Only ``InvalidInputError`` (or success) may come out, never a raw backend exception, and a call
+that raises must leave the store exactly as it was (same counts, same memories, same contents).
+Drivers embed with ``WordHashEmbedder`` (ranking is not under test; see that module).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.core.memory import InvalidInputError
+from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.drivers.automem_driver import AutomemDriver
+from app.core.memory.drivers.pgvector_driver import PgvectorDriver
+from app.core.memory.drivers.sqlite_driver import SqliteDriver
+from tests.automem_double import AutomemDouble
+from tests.conftest import PROJECT_ROOT, migrate_sqlite
+from tests.word_hash_embedder import WordHashEmbedder
+
+NASTY_TEXT = st.sampled_from([
+    "", " ", "\x00", "a\x00b", "x" * 200_000, '" * - NEAR OR ( )', "'; DROP TABLE memories; --",
+    "%s %(user_id)s {}", "\\", "\u202e\u0301\ufeff", "😀" * 50, "NEAR(a b)", "a:b", "*", "\n\t",
+    "alice", "bob", "\udcff",
+])
+NASTY = st.one_of(
+    NASTY_TEXT, st.text(max_size=30), st.none(), st.booleans(),
+    st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
+    st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 1e308, 0.5]),
+    st.binary(max_size=8), st.lists(NASTY_TEXT, max_size=3),
+    st.dictionaries(st.text(max_size=5), NASTY_TEXT, max_size=2),
+    st.just(timedelta(seconds=-5)), st.just(object()),
+)
+FUZZ = settings(max_examples=40, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+def verbs(driver: BaseMemoryDriver, known: dict[str, str]) -> dict[str, Callable[..., Any]]:
+    """Each verb, called with fuzzed values for every argument it takes."""
+    def memory_id(value: Any) -> Any:  # sometimes aim at a real id: alice's, or a deleted one
+        return known.get(value, value) if isinstance(value, str) else value
+
+    return {
+        "store": lambda a: driver.store(a[0], a[1], a[2], a[3], a[4], agent_id=a[5],
+                                        namespace=a[6], key=a[7], importance=a[8], ttl=a[9]),
+        "store_many": lambda a: driver.store_many([
+            {"user_id": "bob", "content": "fine"},
+            {"user_id": a[0], "content": a[1], "tags": a[3], "importance": a[8]}]),
+        "recall": lambda a: driver.recall(a[0], a[2], a[1], a[8], a[5], a[3], agent_id=a[6],
+                                          tags=a[4], min_importance=a[9]),
+        "get": lambda a: driver.get(memory_id(a[0]), a[1], include_deleted=a[2]),
+        "update": lambda a: driver.update(memory_id(a[0]), a[1], content=a[2], tags=a[3],
+                                          metadata=a[4], importance=a[8], ttl=a[9]),
+        "delete": lambda a: driver.delete(memory_id(a[0]), a[1]),
+        "restore": lambda a: driver.restore(memory_id(a[0]), a[1]),
+        "list_memories": lambda a: driver.list_memories(a[0], agent_id=a[5], tags=a[3],
+                                                        limit=a[8], cursor=a[1]),
+        "forget_user": lambda a: driver.forget_user(a[0]) if a[0] != "alice" else None,
+        "purge": lambda a: driver.purge(retention=a[9]),
+        "stats": lambda a: driver.stats(a[0]),
+        "store_global_knowledge": lambda a: driver.store_global_knowledge(a[1], a[0], a[2],
+                                                                          a[5], a[4]),
+        "recall_global_knowledge": lambda a: driver.recall_global_knowledge(a[1], a[8], a[0]),
+        "delete_knowledge": lambda a: driver.delete_knowledge(a[0]),
+        "create_user": lambda a: driver.create_user(a[0], display_name=a[1], profile=a[4]),
+        "get_user": lambda a: driver.get_user(a[0]),
+        "get_profile": lambda a: driver.get_profile(a[0]),
+        "set_profile": lambda a: driver.set_profile(a[0], a[4], merge=a[2]),
+    }
+
+
+def snapshot(driver: BaseMemoryDriver) -> Any:
+    """What must not change when a call is refused."""
+    memories = {user: sorted((m["id"], m["content"], tuple(m["tags"]), m["importance"])
+                             for m in driver.list_memories(user, include_deleted=True)["items"])
+                for user in ("alice", "bob")}
+    return driver.stats(), memories, driver.get_profile("alice")
+
+
+class FuzzedVerbs:
+    """Mixed into a class per driver that provides a ``driver`` fixture."""
+
+    @pytest.fixture
+    def seeded(self, driver: BaseMemoryDriver) -> tuple[BaseMemoryDriver, dict[str, str]]:
+        kept = driver.store("alice", "alice keeps this about the harbor", tags=["home"])
+        gone = driver.store("alice", "alice deleted this")
+        driver.delete(gone["id"], "alice")
+        driver.set_profile("alice", {"tone": "brief"})
+        return driver, {"alice": kept["id"], "bob": gone["id"]}
+
+    @pytest.mark.parametrize("verb", sorted(verbs(None, {})))  # type: ignore[arg-type]
+    def test_only_invalid_input_errors_and_nothing_half_written(self, seeded, verb: str):
+        driver, known = seeded
+        call = verbs(driver, known)[verb]
+
+        @FUZZ
+        @given(arguments=st.tuples(*[NASTY] * 10))
+        def attempt(arguments: tuple[Any, ...]) -> None:
+            before = snapshot(driver)
+            try:
+                call(arguments)
+            except InvalidInputError as error:
+                assert str(error), "an error must say what was wrong"
+                assert snapshot(driver) == before, f"{verb} raised but changed the store"
+
+        attempt()
+
+
+class TestSqliteFuzzed(FuzzedVerbs):
+    @pytest.fixture
+    def driver(self, tmp_path: Path) -> Iterator[SqliteDriver]:
+        path = migrate_sqlite(tmp_path / "fuzz.sqlite3")
+        driver = SqliteDriver(path=path, embedder=WordHashEmbedder())
+        yield driver
+        driver.close()
+
+
+class TestPgvectorFuzzed(FuzzedVerbs):
+    @pytest.fixture
+    def driver(self, empty_pg: str) -> Iterator[PgvectorDriver]:
+        driver = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder())
+        yield driver
+        driver.close()
+
+
+class TestAutomemFuzzed(FuzzedVerbs):
+    @pytest.fixture
+    def driver(self) -> Iterator[AutomemDriver]:
+        double = AutomemDouble(token="fuzz-token")
+        driver = AutomemDriver(url=double.start(), token="fuzz-token", backoff_seconds=0.01)
+        yield driver
+        driver.close()
+        double.stop()
+
+
+CLI_TEXT = NASTY_TEXT.filter(lambda text: "\x00" not in text and "\udcff" not in text
+                             and len(text) < 5000) | st.text(max_size=10).filter(
+    lambda text: "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text))
+CLI_NUMBER = st.sampled_from(["-1", "0", "nan", "inf", "-inf", "1e309", "2", "0.5", "x", ""])
+CLI_COMMANDS = {  # command -> the positional arguments it takes
+    ("store",): 2, ("recall", "--keyword-only"): 2, ("get",): 1, ("delete",): 1,
+    ("restore",): 1, ("users", "show"): 1,
+}
+CLI_OPTIONS = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["--importance", "--ttl", "--top-k"]), CLI_NUMBER),
+    st.tuples(st.sampled_from(["--agent", "--namespace", "--tag", "--metadata", "--key",
+                               "--conversation", "--user"]), CLI_TEXT),
+), max_size=3)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(sorted(CLI_COMMANDS)), data=st.data(), options=CLI_OPTIONS)
+def test_cli_answers_bad_arguments_with_a_message_never_a_traceback(
+        tmp_path: Path, command: tuple[str, ...], data: st.DataObject,
+        options: list[tuple[str, str]]):
+    path = tmp_path / "cli.sqlite3"
+    if not path.exists():
+        migrate_sqlite(path)
+    positional = data.draw(st.lists(CLI_TEXT, min_size=CLI_COMMANDS[command],
+                                    max_size=CLI_COMMANDS[command]))
+    flags = [part for option in options for part in option]
+    done = subprocess.run(
+        [sys.executable, "-m", "app", *command, *flags, "--", *positional],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, MEMORY_SQLITE_PATH=str(path), MEMORY_DRIVER="sqlite"),
+    )
+    assert done.returncode in (0, 1, 2), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    if done.returncode == 2:
+        assert done.stderr.strip(), "a refusal must say why"
