@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ def measure_stage(drivers: tuple[BaseMemoryDriver, BaseMemoryDriver], embedder: 
     encode_seconds = timed(lambda: embedder.model.embed_documents(fresh))
     store_many_seconds = timed(lambda: driver.store_many(
         [{"user_id": "writer", "content": text} for text in fresh]))
-    single = [1000 * timed(lambda i=i: driver.store("writer", f"{fresh[i]} once more"))
+    single = [1000 * timed(partial(driver.store, "writer", f"{fresh[i]} once more"))
               for i in range(SINGLE_STORES)]
 
     count = len(corpus.query_texts)
@@ -175,18 +176,18 @@ def measure_stage(drivers: tuple[BaseMemoryDriver, BaseMemoryDriver], embedder: 
     recall_ms, scan_ms, exact = [], [], 0
     for q in range(count):
         text, vector = corpus.query_texts[q], corpus.query_vectors[q]
-        recall_ms.append(1000 * timed(lambda t=text, u=owner[q]: driver.recall(u, query=t,
-                                                                               top_k=TOP_K)))
+        recall_ms.append(1000 * timed(partial(driver.recall, owner[q], query=text,
+                                              top_k=TOP_K)))
         own = np.arange(users.index(owner[q]), stage, len(users))
         matrix = np.ascontiguousarray(corpus.vectors[own])
-        scan_ms.append(1000 * timed(lambda m=matrix, v=vector: numpy_top_k(m, v, TOP_K)))
+        scan_ms.append(1000 * timed(partial(numpy_top_k, matrix, vector, TOP_K)))
         if name != "automem":
             expected = {ids[int(i)] for i in own[numpy_top_k(matrix, vector, TOP_K)]}
             found = by_cosine.recall(owner[q], query=text, top_k=TOP_K)
             exact += {memory["id"] for memory in found} == expected
     embedder.clear_queries()  # the same queries again, now through the model
-    embedded_ms = [1000 * timed(lambda q=q: driver.recall(owner[q], query=corpus.query_texts[q],
-                                                          top_k=TOP_K))
+    embedded_ms = [1000 * timed(partial(driver.recall, owner[q], query=corpus.query_texts[q],
+                                        top_k=TOP_K))
                    for q in range(EMBEDDED_QUERIES)]
     return {
         "encode_per_s": STORE_MANY_TEXTS / encode_seconds,

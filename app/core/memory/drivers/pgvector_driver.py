@@ -425,8 +425,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         # Chunk i+1 is encoded while chunk i is written, all in one transaction; the first
         # chunk is encoded before a connection is taken from the pool.
         chunks = self._embed_in_chunks([draft.content for draft in drafts])
-        vectors = next(chunks)
-        rows = []
+        vectors: np.ndarray | None = next(chunks)
+        rows: list[tuple[Any, ...]] = []
         with self._connection() as conn, conn.cursor() as cursor:
             while vectors is not None:
                 part = drafts[len(rows):len(rows) + len(vectors)]
