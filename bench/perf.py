@@ -188,7 +188,7 @@ def measure_stage(drivers: tuple[BaseMemoryDriver, BaseMemoryDriver], embedder: 
     embedder.clear_queries()  # the same queries again, now through the model
     embedded_ms = [1000 * timed(partial(driver.recall, owner[q], query=corpus.query_texts[q],
                                         top_k=TOP_K))
-                   for q in range(EMBEDDED_QUERIES)]
+                   for q in range(min(EMBEDDED_QUERIES, count))]
     return {
         "encode_per_s": STORE_MANY_TEXTS / encode_seconds,
         "store_many_per_s": STORE_MANY_TEXTS / store_many_seconds,
