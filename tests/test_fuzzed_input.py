@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +35,7 @@ from tests.word_hash_embedder import WordHashEmbedder
 NASTY_TEXT = st.sampled_from([
     "", " ", "\x00", "a\x00b", "x" * 200_000, '" * - NEAR OR ( )', "'; DROP TABLE memories; --",
     "%s %(user_id)s {}", "\\", "\u202e\u0301\ufeff", "😀" * 50, "NEAR(a b)", "a:b", "*", "\n\t",
-    "alice", "bob", "\udcff",
+    "alice", "bob", "carol", "\udcff",
 ])
 NASTY = st.one_of(
     NASTY_TEXT, st.text(max_size=30), st.none(), st.booleans(),
@@ -44,14 +45,39 @@ NASTY = st.one_of(
     st.dictionaries(st.text(max_size=5), NASTY_TEXT, max_size=2),
     st.just(timedelta(seconds=-5)), st.just(object()),
 )
-FUZZ = settings(max_examples=40, deadline=None,
+FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
 
+#: A valid value for each of the ten argument slots the verbs below draw on ...
+VALID = ("bob", "fuzz note", None, ["x"], {"k": "v"}, None, "default", None, 0.5, None)
+#: ... and, per verb, the slots whose valid value differs (see ``verbs`` for what each slot is).
+VALID_FOR = {
+    "recall": {8: 5, 5: True, 4: None}, "get": {0: "alice", 1: "alice", 2: False},
+    "update": {0: "alice", 1: "alice", 2: "changed"}, "delete": {0: "alice", 1: "alice"},
+    "restore": {0: "bob", 1: "alice"}, "list_memories": {8: 10, 1: None},
+    "recall_global_knowledge": {8: 3}, "set_profile": {2: False},
+}
+
+
+def fuzzed_arguments(verb: str) -> st.SearchStrategy[tuple[Any, ...]]:
+    """Valid arguments with one slot made nasty (most often), or every slot nasty at once."""
+    valid = list(VALID)
+    for slot, value in VALID_FOR.get(verb, {}).items():
+        valid[slot] = value
+
+    def one_bad(slot: int, value: Any) -> tuple[Any, ...]:
+        return tuple(value if i == slot else v for i, v in enumerate(valid))
+
+    return st.one_of(st.builds(one_bad, st.integers(0, 9), NASTY),
+                     st.builds(one_bad, st.integers(0, 9), NASTY),
+                     st.tuples(*[NASTY] * 10))
+
+
 def verbs(driver: BaseMemoryDriver, known: dict[str, str]) -> dict[str, Callable[..., Any]]:
     """Each verb, called with fuzzed values for every argument it takes."""
-    def memory_id(value: Any) -> Any:  # sometimes aim at a real id: alice's, or a deleted one
+    def memory_id(value: Any) -> Any:  # sometimes aim at a real id: alice's, deleted, expired
         return known.get(value, value) if isinstance(value, str) else value
 
     return {
@@ -99,8 +125,10 @@ class FuzzedVerbs:
         kept = driver.store("alice", "alice keeps this about the harbor", tags=["home"])
         gone = driver.store("alice", "alice deleted this")
         driver.delete(gone["id"], "alice")
+        expired = driver.store("alice", "alice's note that expired", ttl=0.05)
         driver.set_profile("alice", {"tone": "brief"})
-        return driver, {"alice": kept["id"], "bob": gone["id"]}
+        time.sleep(0.1)
+        return driver, {"alice": kept["id"], "bob": gone["id"], "carol": expired["id"]}
 
     @pytest.mark.parametrize("verb", sorted(verbs(None, {})))  # type: ignore[arg-type]
     def test_only_invalid_input_errors_and_nothing_half_written(self, seeded, verb: str):
@@ -108,7 +136,7 @@ class FuzzedVerbs:
         call = verbs(driver, known)[verb]
 
         @FUZZ
-        @given(arguments=st.tuples(*[NASTY] * 10))
+        @given(arguments=fuzzed_arguments(verb))
         def attempt(arguments: tuple[Any, ...]) -> None:
             before = snapshot(driver)
             try:
