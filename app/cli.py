@@ -1,8 +1,9 @@
 """The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
 
 Commands: store, recall, get, delete, restore, knowledge add|search|delete, health, stats,
-users create|show, demo. Output is for people by default; ``--json`` prints one JSON document
-instead. Exit status: 0 success; 1 not found, backend down or a failed check; 2 bad input.
+users create|show, demo, and the maintenance commands backup, purge, forget-user. Output is for
+people by default (progress bars on stderr); ``--json`` prints one JSON document instead.
+Exit status: 0 success; 1 not found, backend down or a failed check; 2 bad input.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from app.core.database.sqlite_backup import backup_sqlite
 from app.core.memory import get_memory_driver
 from app.core.memory.base import BaseMemoryDriver
-from app.core.memory.errors import InvalidInputError, MemoryDriverError
+from app.core.memory.errors import InvalidInputError, MemoryDriverError, NotSupportedError
+from config.settings import strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -96,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("user_id")
 
     commands.add_parser("demo", help="store a few memories for demo_user and recall them")
+
+    backup = commands.add_parser("backup", help="online backup of the SQLite file (PostgreSQL: "
+                                                "prints the pg_dump command)")
+    backup.add_argument("--output", type=Path, help="the new file (default: a dated file in "
+                                                    "backups/ beside the database)")
+    purge = commands.add_parser("purge", help="hard-delete expired memories and those "
+                                              "soft-deleted longer than the retention ago")
+    purge.add_argument("--retention-days", type=float,
+                       help="default: MEMORY_SOFT_DELETE_RETENTION_DAYS")
+    forget = commands.add_parser("forget-user", help="erase a user completely (right to erasure)")
+    forget.add_argument("user_id")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -147,6 +165,8 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         if shown is None:
             return _not_found(args, f"no user {args.user_id}")
         return _emit(args, shown, lambda: json.dumps(shown, indent=2, default=_json_default))
+    if command in ("backup", "purge", "forget-user"):
+        return _maintenance(driver, args)
     return _demo(driver, args)
 
 
@@ -179,6 +199,60 @@ def _knowledge(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         return _not_found(args, f"no document {args.doc_id}")
     return _emit(args, {"doc_id": args.doc_id, "deleted": True},
                  lambda: f"deleted {args.doc_id}")
+
+
+def _maintenance(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    if args.command == "backup":
+        return _backup(driver, args)
+    if args.command == "purge":
+        retention = None if args.retention_days is None else timedelta(days=args.retention_days)
+        removed = driver.purge(retention=retention)
+        return _emit(args, {"purged": removed}, lambda: f"purged {removed} memories")
+    if not args.yes and not _confirmed(
+            f"Erase every memory, the profile and the record of user {args.user_id!r}? "
+            "This cannot be undone. [y/N] "):
+        print("error: not confirmed; nothing was erased (pass --yes to skip the question)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    erased = driver.forget_user(args.user_id)
+    return _emit(args, {"user_id": args.user_id, "erased_memories": erased},
+                 lambda: f"erased user {args.user_id} and {erased} memories")
+
+
+def _backup(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    source = getattr(driver, "path", None)
+    if driver.name == "pgvector":
+        url = strip_password(str(getattr(driver, "url", "")))
+        target = args.output or Path(f"memory-{_stamp()}.dump")
+        command = f"pg_dump --format=custom --file={target} --dbname='{url}'"
+        return _emit(args, {"command": command}, lambda: (
+            "PostgreSQL is backed up with its own tool; run (with the password in PGPASSWORD "
+            f"or ~/.pgpass):\n  {command}\nrestore with: pg_restore --clean --dbname=URL {target}"))
+    if not isinstance(source, Path):
+        raise NotSupportedError(f"the {driver.name} driver keeps no local file to back up; "
+                                "back the service up on its side")
+    target = args.output or source.parent / "backups" / f"{source.stem}-{_stamp()}.sqlite3"
+    with tqdm(total=0, unit="page", desc="backup", disable=args.json) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = backup_sqlite(source, target, progress=advance)
+    return _emit(args, {"path": str(result.path), "bytes": result.bytes, "pages": result.pages,
+                        "seconds": round(result.seconds, 3)},
+                 lambda: f"backed up {source} to {result.path} ({result.bytes:,} bytes, "
+                         f"{result.seconds:.1f} s, integrity check ok)")
+
+
+def _confirmed(question: str) -> bool:
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:  # no terminal and nothing piped in: not a yes
+        return False
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def _demo(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:

@@ -149,3 +149,8 @@ def _load_dotenv() -> None:
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, for messages and logs."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def strip_password(url: str) -> str:
+    """``url`` without its password (for a command a user will run with PGPASSWORD set)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1@", url)
