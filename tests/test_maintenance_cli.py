@@ -13,8 +13,6 @@ from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
-import psycopg
-
 from app.core.memory.drivers.sqlite_driver import SqliteDriver
 from tests.conftest import PROJECT_ROOT, migrate_sqlite
 from tests.word_hash_embedder import WordHashEmbedder
