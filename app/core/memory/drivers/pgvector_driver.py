@@ -317,16 +317,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
 
     @_translate_errors
     def delete(self, memory_id: str, user_id: str | None = None) -> bool:
-        memory_id, user_id = check_by_id(memory_id, user_id)
-        now = _utcnow()
-        with self._connection() as conn:
-            cursor = conn.execute(
-                "UPDATE memories SET deleted_at = %(now)s, updated_at = %(now)s "
-                "WHERE id = %(id)s AND (%(user)s::text IS NULL OR user_id = %(user)s) "
-                "AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)",
-                {"now": now, "id": memory_id, "user": user_id},
-            )
-        return cursor.rowcount > 0
+        return self._set_deleted(memory_id, user_id, deleted=True)
 
     def health_check(self) -> HealthReport:
         started = time.perf_counter()
@@ -476,16 +467,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
-        memory_id, user_id = check_by_id(memory_id, user_id)
-        now = _utcnow()
-        with self._connection() as conn:
-            cursor = conn.execute(
-                "UPDATE memories SET deleted_at = NULL, updated_at = %(now)s "
-                "WHERE id = %(id)s AND (%(user)s::text IS NULL OR user_id = %(user)s) "
-                "AND deleted_at IS NOT NULL AND (expires_at IS NULL OR expires_at > %(now)s)",
-                {"now": now, "id": memory_id, "user": user_id},
-            )
-        return cursor.rowcount > 0
+        return self._set_deleted(memory_id, user_id, deleted=False)
 
     @_translate_errors
     def forget_user(self, user_id: str) -> int:
@@ -634,6 +616,20 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                     )
                 self._schema_checked = True
             yield conn
+
+    def _set_deleted(self, memory_id: str, user_id: str | None, *, deleted: bool) -> bool:
+        """Soft-delete (or restore) one unexpired memory; whether it changed state."""
+        memory_id, user_id = check_by_id(memory_id, user_id)
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "UPDATE memories SET deleted_at = CASE WHEN %(deleted)s THEN %(now)s END, "
+                "updated_at = %(now)s "
+                "WHERE id = %(id)s AND (%(user)s::text IS NULL OR user_id = %(user)s) "
+                "AND (deleted_at IS NULL) = %(deleted)s "
+                "AND (expires_at IS NULL OR expires_at > %(now)s)",
+                {"now": _utcnow(), "id": memory_id, "user": user_id, "deleted": deleted},
+            )
+        return cursor.rowcount > 0
 
     def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
         with self._connection() as conn:

@@ -291,16 +291,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
 
     @_translate_errors
     def delete(self, memory_id: str, user_id: str | None = None) -> bool:
-        memory_id, user_id = check_by_id(memory_id, user_id)
-        now = time.time()
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE memories SET deleted_at = ?, updated_at = ? WHERE id = ? "
-                "AND (? IS NULL OR user_id = ?) AND deleted_at IS NULL "
-                "AND (expires_at IS NULL OR expires_at > ?)",
-                (now, now, memory_id, user_id, user_id, now),
-            )
-        return cursor.rowcount > 0
+        return self._set_deleted(memory_id, user_id, deleted=True)
 
     def health_check(self) -> HealthReport:
         started = time.perf_counter()
@@ -432,16 +423,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
-        memory_id, user_id = check_by_id(memory_id, user_id)
-        now = time.time()
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE memories SET deleted_at = NULL, updated_at = ? WHERE id = ? "
-                "AND (? IS NULL OR user_id = ?) AND deleted_at IS NOT NULL "
-                "AND (expires_at IS NULL OR expires_at > ?)",
-                (now, memory_id, user_id, user_id, now),
-            )
-        return cursor.rowcount > 0
+        return self._set_deleted(memory_id, user_id, deleted=False)
 
     @_translate_errors
     def forget_user(self, user_id: str) -> int:
@@ -637,6 +619,19 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         if self._vectors is None:
             self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max)
         return self._vectors
+
+    def _set_deleted(self, memory_id: str, user_id: str | None, *, deleted: bool) -> bool:
+        """Soft-delete (or restore) one unexpired memory; whether it changed state."""
+        memory_id, user_id = check_by_id(memory_id, user_id)
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE memories SET deleted_at = CASE WHEN ?1 THEN ?2 END, updated_at = ?2 "
+                "WHERE id = ?3 AND (?4 IS NULL OR user_id = ?4) AND (deleted_at IS NULL) = ?1 "
+                "AND (expires_at IS NULL OR expires_at > ?2)",
+                (deleted, now, memory_id, user_id),
+            )
+        return cursor.rowcount > 0
 
     def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
         with self._write() as conn:
