@@ -20,10 +20,11 @@ Shared semantics (each verb's docstring adds its own):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from app.core.memory.errors import NotSupportedError
 from app.core.memory.records import (
     HealthReport,
     Knowledge,
@@ -34,6 +35,14 @@ from app.core.memory.records import (
     User,
 )
 from app.core.memory.validation import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from app.core.memory.embeddings import Embedder
+    from app.core.memory.portable import PortableRecord
+    from app.core.memory.reembed import ReembedReport
+
+#: ``progress(done, total)``: how far a long operation has got.
+Progress = Callable[[int, int], None]
 
 
 class BaseMemoryDriver(ABC):
@@ -262,6 +271,47 @@ class BaseMemoryDriver(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections, pools and clients. Idempotent; the driver is unusable after."""
+
+    # -- optional: moving records (``transfer.py``, ``reembed.py``) -------------------------------
+    # A driver that cannot do these keeps the defaults, which raise NotSupportedError.
+
+    def export_records(self, *, user_id: str | None = None,
+                       with_embeddings: bool = False) -> Iterator[PortableRecord]:
+        """Every record, as ``portable.py`` describes them, from one consistent snapshot.
+
+        User records first, then memories in every state (visible, soft-deleted, expired) in the
+        order they were stored, then knowledge documents with their chunks. With ``user_id``:
+        that user's record and memories only (knowledge is shared, so it is left out). Vectors
+        are included with ``with_embeddings``. Not an access. Do not call the same driver from
+        the consuming thread before the iterator is exhausted or closed.
+        """
+        raise NotSupportedError(f"the {self.name} driver cannot list its records for export")
+
+    def import_records(self, records: Sequence[PortableRecord], *,
+                       vectors_from: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+        """Write checked records as they are (ids, timestamps, access counts kept), in one
+        transaction; returns ``(index, reason)`` for each record refused, the rest are written.
+
+        Idempotent: a memory is created or replaced by ``id``, a knowledge document replaced by
+        ``doc_id`` (with exactly the given chunks), a user record replaced by ``user_id``. A memory
+        whose ``id`` belongs to another user here, or whose key (user, agent, namespace, key) is
+        held by another memory, is refused. Vectors in the records are used when
+        ``vectors_from`` (the model identity they were made with) equals this driver's model;
+        otherwise the content is embedded here.
+        """
+        raise NotSupportedError(f"the {self.name} driver cannot import records with their ids")
+
+    def reembed(self, embedder: Embedder | None = None, *, batch_size: int = 64,
+                progress: Progress | None = None) -> ReembedReport:
+        """Recompute every stored vector (memories in every state, knowledge chunks) with
+        ``embedder`` (default: the configured model) and record it as the model in use.
+
+        New vectors are staged beside the old ones in committed batches and swapped in by one
+        transaction at the end, so recall keeps working on the old vectors meanwhile, and a run
+        that is interrupted resumes where it stopped when started again with the same model.
+        """
+        raise NotSupportedError(f"the {self.name} driver does not keep vectors it could "
+                                "re-compute; the service embeds on its side")
 
     def __enter__(self) -> BaseMemoryDriver:
         return self

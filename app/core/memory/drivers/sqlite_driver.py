@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,9 +35,10 @@ import numpy as np
 from app.core.database.migrator import migrations_dir
 from app.core.database.sqlite_connection import MEMORY_DATABASE, open_sqlite
 from app.core.memory import ranking
-from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import sqlite_search as search
+from app.core.memory.drivers import sqlite_transfer as transfer
 from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.drivers.vector_cache import VectorCache
 from app.core.memory.embeddings import (
@@ -50,6 +51,7 @@ from app.core.memory.errors import (
     MemoryDriverError,
     SchemaNotMigratedError,
 )
+from app.core.memory.portable import PortableRecord
 from app.core.memory.records import (
     HealthReport,
     Knowledge,
@@ -60,6 +62,7 @@ from app.core.memory.records import (
     User,
     user_record,
 )
+from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -556,6 +559,39 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             )
         return stored
 
+    # -- moving records ---------------------------------------------------------------------
+
+    @_translate_errors
+    def export_records(self, *, user_id: str | None = None,
+                       with_embeddings: bool = False) -> Iterator[PortableRecord]:
+        user_id = check_optional_id(user_id, "user_id")
+        with_embeddings = check_bool(with_embeddings, "with_embeddings")
+        self._schema_ready()
+        return self._export(user_id, with_embeddings)
+
+    @_translate_errors
+    def import_records(self, records: Sequence[PortableRecord], *,
+                       vectors_from: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+        vectors = self._import_vectors(records, vectors_from)
+        refused = []
+        with self._write() as conn:
+            for index, (record, record_vectors) in enumerate(zip(records, vectors, strict=True)):
+                reason = transfer.write_record(conn, record, record_vectors)
+                if reason is not None:
+                    refused.append((index, reason))
+        return refused
+
+    @_translate_errors
+    def reembed(self, embedder: Embedder | None = None, *, batch_size: int = 64,
+                progress: Progress | None = None) -> ReembedReport:
+        try:
+            return run_reembed(self, embedder or self.embedder, batch_size=batch_size,
+                               progress=progress)
+        finally:
+            # Vectors of another model may now be in place: reload them, check the model again.
+            self._vectors = None
+            self._identity_checked = False
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -632,6 +668,37 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 (deleted, now, memory_id, user_id),
             )
         return cursor.rowcount > 0
+
+    def _export(self, user_id: str | None, with_embeddings: bool) -> Iterator[PortableRecord]:
+        try:
+            with self._read() as conn:
+                yield from transfer.read_users(conn, user_id)
+                yield from transfer.read_memories(conn, user_id, with_embeddings,
+                                                  _memory_from_row)
+                if user_id is None:
+                    yield from transfer.read_documents(conn, with_embeddings)
+        except sqlite3.Error as exc:
+            raise _contract_error(exc) from exc
+
+    def _reembed_begin(self, model: str, dimension: int) -> ReembedStart:
+        with self._write() as conn:
+            return transfer.reembed_begin(conn, model, dimension)
+
+    def _reembed_pending(self, corpus: str, after_pk: int, limit: int) -> list[tuple[int, str]]:
+        with self._read() as conn:
+            return transfer.reembed_pending(conn, corpus, after_pk, limit)
+
+    def _reembed_stage(self, corpus: str, rows: list[tuple[int, str]],
+                       vectors: np.ndarray) -> None:
+        with self._write() as conn:
+            transfer.reembed_stage(conn, corpus, rows, vectors)
+
+    def _reembed_finish(self, model: str, dimension: int,
+                        embed: Callable[[list[str]], np.ndarray]
+                        ) -> tuple[dict[str, Any] | None, int]:
+        # BEGIN IMMEDIATE holds other writers off until the swap commits.
+        with self._write() as conn:
+            return transfer.reembed_finish(conn, model, dimension, embed)
 
     def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
         with self._write() as conn:

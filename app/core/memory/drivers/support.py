@@ -9,7 +9,7 @@ its vectors in. ``claim_user_id`` is the id-generating loop of ``create_user``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from app.core.memory.embeddings import Embedder, get_default_embedder, identity_mismatch
 from app.core.memory.errors import BackendUnavailableError, InvalidInputError
+from app.core.memory.portable import PortableRecord
 
 USER_ID_ATTEMPTS = 5
 #: Texts per chunk when a batch is encoded while earlier chunks are written.
@@ -66,6 +67,29 @@ class EmbeddingSupport:
         self._check_identity()
         return self.embedder.embed_query(text)
 
+    def _import_vectors(self, records: Sequence[PortableRecord],
+                        vectors_from: dict[str, Any] | None) -> list[list[np.ndarray]]:
+        """For each record, the vectors to store with it (a memory: one; a document: one per
+        chunk; a user: none): the record's own when they were made by this driver's model,
+        otherwise new ones, encoded here in one batch."""
+        self._check_identity()
+        own = {"model": self.embedder.model_name, "dimension": self.embedder.dimension}
+        reuse = vectors_from == own
+        given: list[list[np.ndarray | None]] = []
+        for record in records:
+            if record["type"] == "memory":
+                given.append([record["embedding"]])
+            elif record["type"] == "knowledge_document":
+                given.append([chunk["embedding"] for chunk in record["chunks"]])
+            else:
+                given.append([])
+        texts = [text for record, vectors in zip(records, given, strict=True)
+                 for text, vector in zip(_texts(record), vectors, strict=True)
+                 if vector is None or not reuse]
+        encoded = iter(self.embedder.embed_documents(texts)) if texts else iter(())
+        return [[vector if vector is not None and reuse else next(encoded) for vector in vectors]
+                for vectors in given]
+
     def _check_identity(self) -> None:
         if self._identity_checked:
             return
@@ -83,6 +107,14 @@ class EmbeddingSupport:
     def _identity_location(self) -> str:
         """Where the vectors live, for the mismatch message."""
         raise NotImplementedError
+
+
+def _texts(record: PortableRecord) -> list[str]:
+    if record["type"] == "memory":
+        return [record["content"]]
+    if record["type"] == "knowledge_document":
+        return [chunk["content"] for chunk in record["chunks"]]
+    return []
 
 
 def claim_user_id(chosen: str | None, insert: Callable[[str], bool]) -> str:

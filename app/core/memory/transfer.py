@@ -1,0 +1,192 @@
+"""Export, import and copy: moving records between drivers in the ``portable.py`` format.
+
+``export_dump`` streams a driver's records to a text stream as JSON Lines, from one snapshot.
+``import_dump`` reads such a stream into a driver, ``batch_size`` records per transaction; a line
+that is not JSON, breaks a rule or is refused by the target is reported with its line number, and
+the other lines are imported. ``copy_records`` does both without a file. Records keep their ids,
+so every operation is idempotent: running it again after a failure finishes the job without
+duplicating anything. ``progress(done, total)`` counts memories and knowledge documents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from app.core.memory.base import BaseMemoryDriver, Progress
+from app.core.memory.errors import InvalidInputError
+from app.core.memory.portable import (
+    PortableRecord,
+    check_header,
+    header,
+    parse_record,
+    to_json_line,
+)
+from app.core.memory.validation import check_positive_int
+
+#: How each record type is counted in reports and in a dump's end line.
+PLURALS = {"user": "users", "memory": "memories", "knowledge_document": "knowledge_documents"}
+DEFAULT_BATCH_SIZE = 256
+MAX_BATCH_SIZE = 10_000
+
+
+@dataclass
+class TransferReport:
+    """What an import or a copy did: records written by kind, and those refused, with why."""
+
+    written: Counter[str] = field(default_factory=Counter)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    #: Whether the dump's end line was read (a copy is always complete).
+    complete: bool = True
+    #: The counts the dump's end line announced.
+    expected: dict[str, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Everything arrived and nothing was refused."""
+        return self.complete and not self.refused
+
+
+def export_dump(driver: BaseMemoryDriver, out: TextIO, *, user_id: str | None = None,
+                with_embeddings: bool = True, progress: Progress | None = None) -> Counter[str]:
+    """Write the header, every record of ``driver`` (see ``export_records``) and the end line
+    to ``out``; returns the counts written."""
+    records = driver.export_records(user_id=user_id, with_embeddings=with_embeddings)
+    identity = driver.stats()["embedding"]
+    out.write(to_json_line(header(driver=driver.name, user_id=user_id, embedding=identity,
+                                  with_embeddings=with_embeddings and identity is not None)))
+    counts: Counter[str] = Counter()
+    total = _total(driver, user_id)
+    for record in records:
+        out.write(to_json_line(_without_missing_vectors(record)))
+        counts[PLURALS[record["type"]]] += 1
+        if progress and record["type"] != "user":
+            progress(counts["memories"] + counts["knowledge_documents"], total)
+    out.write(to_json_line({"type": "end", "counts": dict(counts)}))
+    return counts
+
+
+def import_dump(driver: BaseMemoryDriver, lines: Iterable[str], *,
+                batch_size: int = DEFAULT_BATCH_SIZE,
+                progress: Progress | None = None, total: int = 0) -> TransferReport:
+    """Import a dump's lines into ``driver``. A missing or foreign header raises
+    ``InvalidInputError`` before anything is written; bad records are reported, not raised.
+    ``total`` (the number of lines, if known) is handed to ``progress``."""
+    batch_size = check_positive_int(batch_size, "batch_size", maximum=MAX_BATCH_SIZE)
+    numbered = enumerate(lines, start=1)
+    first = next(numbered, None)
+    if first is None:
+        raise InvalidInputError("the dump is empty: its first line must be the header")
+    head = check_header(_json_or_none(first[1]))
+    vectors_from = head["embedding"] if head.get("with_embeddings") else None
+    dimension = vectors_from["dimension"] if vectors_from else None
+    report = TransferReport(complete=False)
+    batch = _Batch(driver, report, vectors_from, batch_size)
+    for number, line in numbered:
+        if not line.strip():
+            continue
+        value = _json_or_none(line)
+        if value is None:
+            report.refused.append((f"line {number}", "not a line of JSON"))
+        elif report.complete:
+            report.refused.append((f"line {number}", "a record after the end line"))
+        elif isinstance(value, dict) and value.get("type") == "end":
+            report.complete = True
+            report.expected = value.get("counts") if isinstance(value.get("counts"),
+                                                                dict) else None
+        else:
+            try:
+                batch.add(f"line {number}", parse_record(value, dimension))
+            except InvalidInputError as exc:
+                report.refused.append((f"line {number}", str(exc)))
+        if progress:
+            progress(number, total)
+    batch.flush()
+    return report
+
+
+def copy_records(source: BaseMemoryDriver, target: BaseMemoryDriver, *,
+                 user_id: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 progress: Progress | None = None) -> TransferReport:
+    """Copy every record of ``source`` (one user's with ``user_id``) into ``target``, vectors
+    included (re-embedded by ``target`` if its model differs)."""
+    if source is target:
+        raise InvalidInputError("target must be another driver than source")
+    batch_size = check_positive_int(batch_size, "batch_size", maximum=MAX_BATCH_SIZE)
+    records = source.export_records(user_id=user_id, with_embeddings=True)
+    identity = source.stats()["embedding"]
+    report = TransferReport()
+    batch = _Batch(target, report, identity, batch_size)
+    total, done = _total(source, user_id), 0
+    for record in records:
+        batch.add(_describe(record), record)
+        if record["type"] != "user":
+            done += 1
+            if progress:
+                progress(done, total)
+    batch.flush()
+    return report
+
+
+class _Batch:
+    """Records on their way into ``target``, written ``size`` at a time."""
+
+    def __init__(self, target: BaseMemoryDriver, report: TransferReport,
+                 vectors_from: dict[str, Any] | None, size: int) -> None:
+        self._target, self._report = target, report
+        self._vectors_from, self._size = vectors_from, size
+        self._records: list[PortableRecord] = []
+        self._places: list[str] = []
+
+    def add(self, place: str, record: PortableRecord) -> None:
+        self._records.append(record)
+        self._places.append(place)
+        if len(self._records) >= self._size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._records:
+            return
+        refused = dict(self._target.import_records(self._records,
+                                                   vectors_from=self._vectors_from))
+        for index, (place, record) in enumerate(zip(self._places, self._records, strict=True)):
+            if index in refused:
+                self._report.refused.append((place, refused[index]))
+            else:
+                self._report.written[PLURALS[record["type"]]] += 1
+        self._records, self._places = [], []
+
+
+def _total(driver: BaseMemoryDriver, user_id: str | None) -> int:
+    stats = driver.stats(user_id)
+    documents = stats.get("knowledge", {}).get("documents", 0) if user_id is None else 0
+    return int(sum(stats["memories"].values()) + documents)
+
+
+def _without_missing_vectors(record: PortableRecord) -> dict[str, Any]:
+    line: dict[str, Any] = dict(record)
+    if line.get("embedding", 0) is None:
+        del line["embedding"]
+    if record["type"] == "knowledge_document":
+        line["chunks"] = [{key: value for key, value in chunk.items() if value is not None}
+                          for chunk in record["chunks"]]
+    return line
+
+
+def _describe(record: PortableRecord) -> str:
+    if record["type"] == "memory":
+        return f"memory {record['id']}"
+    if record["type"] == "knowledge_document":
+        return f"knowledge_document {record['doc_id']}"
+    return f"user {record['user_id']}"
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
