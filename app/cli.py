@@ -1,9 +1,10 @@
 """The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
 
 Commands: store, recall, get, delete, restore, knowledge add|search|delete, health, stats,
-users create|show, demo, and the maintenance commands backup, purge, forget-user. Output is for
-people by default (progress bars on stderr); ``--json`` prints one JSON document instead.
-Exit status: 0 success; 1 not found, backend down or a failed check; 2 bad input.
+users create|show, demo, and the maintenance commands backup, purge, forget-user, export,
+import, copy, reembed. Output is for people by default (progress bars on stderr); ``--json``
+prints one JSON document instead. Exit status: 0 success; 1 not found, backend down, a failed
+check or records refused; 2 bad input.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,11 @@ from typing import Any
 from tqdm import tqdm
 
 from app.core.database.sqlite_backup import backup_sqlite
-from app.core.memory import get_memory_driver
+from app.core.memory import get_memory_driver, transfer
 from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.embeddings import get_default_embedder
 from app.core.memory.errors import InvalidInputError, MemoryDriverError, NotSupportedError
-from config.settings import strip_password
+from config.settings import get_settings, strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -114,12 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     forget = commands.add_parser("forget-user", help="erase a user completely (right to erasure)")
     forget.add_argument("user_id")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    export = commands.add_parser("export", help="write every record to a JSON Lines dump")
+    export.add_argument("--user", dest="user_id", help="only this user's record and memories")
+    export.add_argument("--output", type=Path, help="the new file (default: standard output)")
+    export.add_argument("--no-embeddings", dest="with_embeddings", action="store_false",
+                        help="leave the vectors out (the importer embeds the content again)")
+    load = commands.add_parser("import", help="load a dump (idempotent: records keep their ids)")
+    load.add_argument("file", help="a dump written by export, or - for standard input")
+    load.add_argument("--batch-size", type=int, default=transfer.DEFAULT_BATCH_SIZE,
+                      help="records per transaction")
+    copy = commands.add_parser("copy", help="copy every record from one driver to another")
+    copy.add_argument("--from", dest="source", required=True, help="driver name, e.g. sqlite")
+    copy.add_argument("--to", dest="target", required=True, help="driver name, e.g. pgvector")
+    copy.add_argument("--user", dest="user_id", help="only this user's record and memories")
+    copy.add_argument("--batch-size", type=int, default=transfer.DEFAULT_BATCH_SIZE,
+                      help="records per transaction")
+    reembed = commands.add_parser("reembed", help="recompute every stored vector with a model "
+                                                  "(resumes an interrupted run)")
+    reembed.add_argument("--model", help="default: MEMORY_EMBEDDING_MODEL")
+    reembed.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "copy":
+            return _copy(args)
         driver = get_memory_driver(args.driver)
         return _dispatch(driver, args)
     except InvalidInputError as exc:
@@ -167,6 +193,12 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         return _emit(args, shown, lambda: json.dumps(shown, indent=2, default=_json_default))
     if command in ("backup", "purge", "forget-user"):
         return _maintenance(driver, args)
+    if command == "export":
+        return _export(driver, args)
+    if command == "import":
+        return _import(driver, args)
+    if command == "reembed":
+        return _reembed(driver, args)
     return _demo(driver, args)
 
 
@@ -232,16 +264,119 @@ def _backup(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         raise NotSupportedError(f"the {driver.name} driver keeps no local file to back up; "
                                 "back the service up on its side")
     target = args.output or source.parent / "backups" / f"{source.stem}-{_stamp()}.sqlite3"
-    with tqdm(total=0, unit="page", desc="backup", disable=args.json) as bar:
-        def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with _progress_bar("backup", "page", args.json) as advance:
         result = backup_sqlite(source, target, progress=advance)
     return _emit(args, {"path": str(result.path), "bytes": result.bytes, "pages": result.pages,
                         "seconds": round(result.seconds, 3)},
                  lambda: f"backed up {source} to {result.path} ({result.bytes:,} bytes, "
                          f"{result.seconds:.1f} s, integrity check ok)")
+
+
+def _export(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    if args.output is None:
+        counts = _export_to(driver, args, sys.stdout, quiet=True)
+        print(f"exported {_counted(counts)}", file=sys.stderr)
+        return EXIT_OK
+    target: Path = args.output
+    if target.exists():
+        raise InvalidInputError(f"--output {target} exists already; export never overwrites")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            counts = _export_to(driver, args, out, quiet=args.json)
+        partial.rename(target)  # only a complete dump carries the final name
+    finally:
+        partial.unlink(missing_ok=True)
+    return _emit(args, {"path": str(target), "counts": dict(counts)},
+                 lambda: f"exported {_counted(counts)} to {target}")
+
+
+def _export_to(driver: BaseMemoryDriver, args: argparse.Namespace, out: Any,
+               *, quiet: bool) -> Any:
+    with _progress_bar("export", "record", quiet) as advance:
+        return transfer.export_dump(driver, out, user_id=args.user_id,
+                                    with_embeddings=args.with_embeddings, progress=advance)
+
+
+def _import(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    if args.file == "-":
+        return _import_lines(driver, args, sys.stdin, total=0)
+    try:
+        with open(args.file, encoding="utf-8") as counting:
+            total = sum(1 for _ in counting)
+        with open(args.file, encoding="utf-8") as lines:
+            return _import_lines(driver, args, lines, total=total)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"file must be a readable UTF-8 dump ({exc})") from exc
+
+
+def _import_lines(driver: BaseMemoryDriver, args: argparse.Namespace, lines: Any,
+                  total: int) -> int:
+    with _progress_bar("import", "line", args.json) as advance:
+        report = transfer.import_dump(driver, lines, batch_size=args.batch_size,
+                                      progress=advance, total=total)
+    return _transfer_summary(args, report, "imported")
+
+
+def _copy(args: argparse.Namespace) -> int:
+    if args.source == args.target:
+        raise InvalidInputError("--from and --to must name different drivers")
+    source, target = get_memory_driver(args.source), get_memory_driver(args.target)
+    with _progress_bar("copy", "record", args.json) as advance:
+        report = transfer.copy_records(source, target, user_id=args.user_id,
+                                       batch_size=args.batch_size, progress=advance)
+    return _transfer_summary(args, report, f"copied from {source.name} to {target.name}:")
+
+
+def _transfer_summary(args: argparse.Namespace, report: transfer.TransferReport,
+                      done: str) -> int:
+    problems = [f"{place}: {reason}" for place, reason in report.refused]
+    if not report.complete:
+        problems.append("the dump has no end line: it was cut short (the records before the "
+                        "cut were imported; import the complete file again to finish)")
+    if args.json:
+        print(json.dumps({"written": dict(report.written), "refused": problems,
+                          "complete": report.complete, "expected": report.expected}, indent=2))
+    else:
+        print(f"{done} {_counted(report.written)}")
+        if problems:
+            print(f"{len(problems)} problem(s):", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _reembed(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
+    embedder = get_default_embedder(args.model)
+    with _progress_bar("reembed", "text", args.json) as advance:
+        report = driver.reembed(embedder, batch_size=args.batch_size, progress=advance)
+    result = asdict(report)
+    lines = [f"re-embedded {report.total} texts with {report.model} ({report.dimension} "
+             "dimensions)" + (f", resuming a run that had {report.already_staged} done"
+                              if report.resumed else "")]
+    if report.model != get_settings().embedding_model:
+        lines.append(f"now set MEMORY_EMBEDDING_MODEL={report.model} for every process that "
+                     "uses this store, and restart them")
+    return _emit(args, result, lambda: "\n".join(lines))
+
+
+@contextmanager
+def _progress_bar(description: str, unit: str, quiet: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr, driven by ``advance(done, total)``; silent with ``quiet``."""
+    with tqdm(total=0, unit=unit, desc=description, disable=quiet) as bar:
+        def advance(done: int, total: int) -> None:
+            if total and bar.total != total:
+                bar.total = total
+                bar.refresh()
+            bar.update(done - bar.n)
+
+        yield advance
+
+
+def _counted(counts: Any) -> str:
+    return ", ".join(f"{counts.get(kind, 0)} {kind.replace('_', ' ')}"
+                     for kind in transfer.PLURALS.values())
 
 
 def _confirmed(question: str) -> bool:

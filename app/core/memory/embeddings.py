@@ -135,8 +135,9 @@ def identity_mismatch(where: str, stored: dict[str, Any], model: str,
     return EmbeddingMismatchError(
         f"the vectors in {where} were made by {stored['model']} ({stored['dimension']} "
         f"dimensions) but the configured model is {model} ({dimension} dimensions). Set "
-        f"MEMORY_EMBEDDING_MODEL={stored['model']} to keep using them; switching models means "
-        "re-embedding every stored memory."
+        f"MEMORY_EMBEDDING_MODEL={stored['model']} to keep using them, or switch the store to "
+        f"{model} with `python -m app reembed --model {model}`, which re-embeds every stored "
+        "vector (resumable)."
     )
 
 

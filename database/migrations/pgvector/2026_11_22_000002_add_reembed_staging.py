@@ -28,15 +28,18 @@ STATEMENTS = [
     """
     CREATE OR REPLACE FUNCTION memories_staged_vector_outdated() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        NEW.next_embedding := NULL;
+        IF NEW.next_embedding IS NOT NULL AND NEW.embedding IS DISTINCT FROM OLD.embedding THEN
+            NEW.next_embedding := NULL;
+        END IF;
         RETURN NEW;
     END
     $$
     """,
+    # No column list and no WHEN clause: either would make the trigger depend on the columns,
+    # and PostgreSQL then refuses the ALTER ... TYPE with which reembed swaps vectors in.
     """
-    CREATE TRIGGER memories_staged_vector_outdated BEFORE UPDATE OF embedding ON memories
-    FOR EACH ROW WHEN (NEW.next_embedding IS NOT NULL)
-    EXECUTE FUNCTION memories_staged_vector_outdated()
+    CREATE TRIGGER memories_staged_vector_outdated BEFORE UPDATE ON memories
+    FOR EACH ROW EXECUTE FUNCTION memories_staged_vector_outdated()
     """,
 ]
 

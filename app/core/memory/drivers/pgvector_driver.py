@@ -28,7 +28,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -37,8 +37,9 @@ import numpy as np
 
 from app.core.database.migrator import migrations_dir
 from app.core.memory import ranking
-from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
+from app.core.memory.drivers import pgvector_transfer as transfer
 from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.embeddings import (
     Embedder,
@@ -51,6 +52,7 @@ from app.core.memory.errors import (
     MissingDependencyError,
     SchemaNotMigratedError,
 )
+from app.core.memory.portable import PortableRecord
 from app.core.memory.records import (
     HealthReport,
     Knowledge,
@@ -61,6 +63,7 @@ from app.core.memory.records import (
     User,
     user_record,
 )
+from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -586,6 +589,39 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             )
         return stored
 
+    # -- moving records ---------------------------------------------------------------------
+
+    @_translate_errors
+    def export_records(self, *, user_id: str | None = None,
+                       with_embeddings: bool = False) -> Iterator[PortableRecord]:
+        user_id = check_optional_id(user_id, "user_id")
+        with_embeddings = check_bool(with_embeddings, "with_embeddings")
+        with self._connection():
+            pass  # the schema check, so that the export's first statement opens its snapshot
+        return self._export(user_id, with_embeddings)
+
+    @_translate_errors
+    def import_records(self, records: Sequence[PortableRecord], *,
+                       vectors_from: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+        vectors = self._import_vectors(records, vectors_from)
+        refused = []
+        with self._connection() as conn:
+            for index, (record, record_vectors) in enumerate(zip(records, vectors, strict=True)):
+                reason = transfer.write_record(conn, record, record_vectors, _vector_literal,
+                                               _jsonb)
+                if reason is not None:
+                    refused.append((index, reason))
+        return refused
+
+    @_translate_errors
+    def reembed(self, embedder: Embedder | None = None, *, batch_size: int = 64,
+                progress: Progress | None = None) -> ReembedReport:
+        try:
+            return run_reembed(self, embedder or self.embedder, batch_size=batch_size,
+                               progress=progress)
+        finally:
+            self._identity_checked = False  # another model may now be recorded
+
     def close(self) -> None:
         with self._lock:
             opened, self._opened = self._opened, False
@@ -630,6 +666,43 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 {"now": _utcnow(), "id": memory_id, "user": user_id, "deleted": deleted},
             )
         return cursor.rowcount > 0
+
+    def _export(self, user_id: str | None, with_embeddings: bool) -> Iterator[PortableRecord]:
+        try:
+            with self._connection() as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield from transfer.read_users(conn, user_id)
+                yield from transfer.read_memories(conn, user_id, with_embeddings,
+                                                  _memory_from_row)
+                if user_id is None:
+                    yield from transfer.read_documents(conn, with_embeddings)
+        except MemoryDriverError:
+            raise
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
+                raise
+            raise _contract_error(exc, self) from exc
+
+    def _reembed_begin(self, model: str, dimension: int) -> ReembedStart:
+        with self._connection() as conn:
+            return transfer.reembed_begin(conn, model, dimension)
+
+    def _reembed_pending(self, corpus: str, after_pk: int, limit: int) -> list[tuple[int, str]]:
+        with self._connection() as conn:
+            return transfer.reembed_pending(conn, corpus, after_pk, limit)
+
+    def _reembed_stage(self, corpus: str, rows: list[tuple[int, str]],
+                       vectors: np.ndarray) -> None:
+        with self._connection() as conn:
+            transfer.reembed_stage(conn, corpus, rows, [_vector_literal(v) for v in vectors])
+
+    def _reembed_finish(self, model: str, dimension: int,
+                        embed: Callable[[list[str]], np.ndarray]
+                        ) -> tuple[dict[str, Any] | None, int]:
+        with self._connection() as conn:
+            return transfer.reembed_finish(
+                conn, model, dimension,
+                lambda texts: [_vector_literal(vector) for vector in embed(texts)])
 
     def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
         with self._connection() as conn:
