@@ -26,7 +26,8 @@ STATEMENTS = [
     )
     """,
     """
-    CREATE OR REPLACE FUNCTION memories_staged_vector_outdated() RETURNS trigger LANGUAGE plpgsql AS $$
+    CREATE OR REPLACE FUNCTION memories_staged_vector_outdated() RETURNS trigger
+    LANGUAGE plpgsql AS $$
     BEGIN
         IF NEW.next_embedding IS NOT NULL AND NEW.embedding IS DISTINCT FROM OLD.embedding THEN
             NEW.next_embedding := NULL;

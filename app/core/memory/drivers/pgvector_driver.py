@@ -1,7 +1,8 @@
 """The ``pgvector`` driver: PostgreSQL with the pgvector extension, for production scale.
 
 Needs the ``pgvector`` extra (``pip install -e '.[pgvector]'``: psycopg 3 and psycopg_pool) and a
-database migrated with ``python migrate.py --database pgvector``; the driver issues no DDL.
+database migrated with ``python migrate.py --database pgvector``; the driver issues no DDL,
+except ``reembed``'s swap (see ``pgvector_transfer.py``), which changes the vector columns' size.
 
 How it works:
 - One ``psycopg_pool.ConnectionPool`` (``DATABASE_URL``), opened on first use. Every checkout
