@@ -62,6 +62,18 @@ PG_TABLES = ("memories, knowledge_chunks, knowledge_documents, users, embedding_
              "reembed_target")
 
 
+def migrate_postgres(url: str) -> str:
+    """Run every PostgreSQL migration on the database ``url`` names; returns ``url``."""
+    from app.core.database.postgres_migration import PostgresMigrationDatabase
+
+    db = PostgresMigrationDatabase(url)
+    try:
+        Migrator(db, migrations_dir("pgvector"), out=lambda line: None).migrate()
+    finally:
+        db.close()
+    return url
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A new PostgreSQL database for this test run, migrated, dropped at the end."""
@@ -70,19 +82,12 @@ def pg_url() -> Iterator[str]:
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from app.core.database.postgres_migration import PostgresMigrationDatabase
-
     name = f"memory_test_{secrets.token_hex(4)}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
     url = make_conninfo(PG_ADMIN_URL, dbname=name)
     try:
-        db = PostgresMigrationDatabase(url)
-        try:
-            Migrator(db, migrations_dir("pgvector"), out=lambda line: None).migrate()
-        finally:
-            db.close()
-        yield url
+        yield migrate_postgres(url)
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(

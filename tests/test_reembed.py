@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.core.database.migrator import Migrator, migrations_dir
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
 from app.core.memory.drivers.sqlite_driver import SqliteDriver
 from app.core.memory.embeddings import SentenceTransformerEmbedder
 from app.core.memory.errors import EmbeddingMismatchError
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, migrate_postgres
 from tests.word_hash_embedder import WordHashEmbedder
 
 MEMORIES = 1_500
@@ -39,14 +38,7 @@ class SmallWordHash(WordHashEmbedder):
 @pytest.fixture
 def pg_store(blank_database: str) -> str:
     """A migrated database of this test's own: a re-embed may change its vector columns."""
-    from app.core.database.postgres_migration import PostgresMigrationDatabase
-
-    db = PostgresMigrationDatabase(blank_database)
-    try:
-        Migrator(db, migrations_dir("pgvector"), out=lambda line: None).migrate()
-    finally:
-        db.close()
-    return blank_database
+    return migrate_postgres(blank_database)
 
 
 @pytest.fixture(params=["sqlite", "pgvector"])

@@ -236,3 +236,22 @@ def test_vectors_round_trip_exactly():
     assert np.array_equal(_vector(decoded, 384, "embedding"), vector)
     with pytest.raises(InvalidInputError, match="base64 of 384 little-endian float32"):
         _vector(decoded[:-8], 384, "memory.embedding")
+
+
+def test_vectors_of_another_model_are_replaced_by_the_targets_own(sqlite_path: Path,
+                                                                   tmp_path: Path):
+    class OtherModel(WordHashEmbedder):
+        model_name = "word-hash-96"
+        dimension = 96
+
+    source = SqliteDriver(path=sqlite_path, embedder=WordHashEmbedder())
+    fill(source)
+    out = io.StringIO()
+    transfer.export_dump(source, out)  # with the source model's 384-d vectors
+    target = SqliteDriver(path=migrate_sqlite(tmp_path / "t.sqlite3"), embedder=OtherModel())
+    assert transfer.import_dump(target, io.StringIO(out.getvalue())).ok
+    assert target.stats()["embedding"] == {"model": "word-hash-96", "dimension": 96}
+    for record in target.export_records(with_embeddings=True):
+        if record["type"] == "memory":
+            assert np.allclose(record["embedding"],
+                               OtherModel().embed_documents([record["content"]])[0])

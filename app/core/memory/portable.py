@@ -37,6 +37,7 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 
 from app.core.memory.errors import InvalidInputError
+from app.core.memory.records import Memory
 from app.core.memory.validation import (
     MAX_PROFILE_BYTES,
     MAX_TITLE_CHARS,
@@ -69,26 +70,11 @@ class PortableUser(TypedDict):
     updated_at: datetime
 
 
-class PortableMemory(TypedDict):
-    """A memory in any state, as dumped, with its vector when the dump carries vectors."""
+class PortableMemory(Memory):
+    """A memory in any state, as dumped (never with a ``score``), with its vector when the dump
+    carries vectors."""
 
     type: Literal["memory"]
-    id: str
-    user_id: str
-    agent_id: str | None
-    conversation_id: str | None
-    namespace: str
-    key: str | None
-    content: str
-    tags: list[str]
-    metadata: dict[str, Any]
-    importance: float
-    access_count: int
-    last_accessed_at: datetime | None
-    expires_at: datetime | None
-    deleted_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
     embedding: np.ndarray | None
 
 

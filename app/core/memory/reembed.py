@@ -30,6 +30,13 @@ CORPORA = ("memories", "knowledge_chunks")
 MAX_BATCH_SIZE = 4_096
 
 
+def corpus_table(corpus: str) -> str:
+    """``corpus`` checked to be one of ``CORPORA`` (it is pasted into SQL as a table name)."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}")
+    return corpus
+
+
 @dataclass(frozen=True)
 class ReembedStart:
     """Where a run starts: how many rows there are and how many an earlier run staged."""

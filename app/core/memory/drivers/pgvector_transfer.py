@@ -25,7 +25,7 @@ from app.core.memory.portable import (
     PortableUser,
 )
 from app.core.memory.records import Memory
-from app.core.memory.reembed import CORPORA, ReembedStart
+from app.core.memory.reembed import CORPORA, ReembedStart, corpus_table
 
 #: Rows fetched per round trip while exporting.
 FETCH_SIZE = 500
@@ -190,7 +190,7 @@ def reembed_pending(conn: Any, corpus: str, after_pk: int,
     """Up to ``limit`` (``None``: all) rows of ``corpus`` past ``after_pk`` without a staged
     vector."""
     return [(row[0], row[1]) for row in conn.execute(
-        f"SELECT pk, content FROM {_table(corpus)} WHERE pk > %s AND next_embedding IS NULL "
+        f"SELECT pk, content FROM {corpus_table(corpus)} WHERE pk > %s AND next_embedding IS NULL "
         "ORDER BY pk LIMIT %s", (after_pk, limit))]
 
 
@@ -199,7 +199,7 @@ def reembed_stage(conn: Any, corpus: str, rows: list[tuple[int, str]], vectors: 
     made from."""
     with conn.cursor() as cursor:
         cursor.executemany(
-            f"UPDATE {_table(corpus)} SET next_embedding = %s::vector "
+            f"UPDATE {corpus_table(corpus)} SET next_embedding = %s::vector "
             "WHERE pk = %s AND content = %s",
             [(vector, pk, text) for (pk, text), vector in zip(rows, vectors, strict=True)])
 
@@ -234,9 +234,3 @@ def reembed_finish(conn: Any, model: str, dimension: int,
     conn.execute("DELETE FROM reembed_target")
     return (None if previous is None else {"model": previous[0], "dimension": previous[1]},
             late)
-
-
-def _table(corpus: str) -> str:
-    if corpus not in CORPORA:
-        raise ValueError(f"corpus must be one of {CORPORA}")
-    return corpus

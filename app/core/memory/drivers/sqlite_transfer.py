@@ -26,7 +26,7 @@ from app.core.memory.portable import (
     PortableUser,
 )
 from app.core.memory.records import Memory
-from app.core.memory.reembed import CORPORA, ReembedStart
+from app.core.memory.reembed import CORPORA, ReembedStart, corpus_table
 
 #: Rows fetched per round trip while exporting.
 FETCH_SIZE = 500
@@ -196,7 +196,7 @@ def reembed_pending(conn: sqlite3.Connection, corpus: str, after_pk: int,
                     limit: int) -> list[tuple[int, str]]:
     """Up to ``limit`` rows of ``corpus`` past ``after_pk`` without a staged vector."""
     return [(row[0], row[1]) for row in conn.execute(
-        f"SELECT pk, content FROM {_table(corpus)} WHERE pk > ? AND next_embedding IS NULL "
+        f"SELECT pk, content FROM {corpus_table(corpus)} WHERE pk > ? AND next_embedding IS NULL "
         "ORDER BY pk LIMIT ?", (after_pk, limit))]
 
 
@@ -204,7 +204,7 @@ def reembed_stage(conn: sqlite3.Connection, corpus: str, rows: list[tuple[int, s
                   vectors: np.ndarray) -> None:
     """Stage vectors for rows whose content is still the text they were made from."""
     conn.executemany(
-        f"UPDATE {_table(corpus)} SET next_embedding = ? WHERE pk = ? AND content = ?",
+        f"UPDATE {corpus_table(corpus)} SET next_embedding = ? WHERE pk = ? AND content = ?",
         [(_blob(vector), pk, text) for (pk, text), vector in zip(rows, vectors, strict=True)])
 
 
@@ -232,12 +232,6 @@ def reembed_finish(conn: sqlite3.Connection, model: str, dimension: int,
     conn.execute("DELETE FROM reembed_target")
     return (None if previous is None else {"model": previous[0], "dimension": previous[1]},
             late)
-
-
-def _table(corpus: str) -> str:
-    if corpus not in CORPORA:
-        raise ValueError(f"corpus must be one of {CORPORA}")
-    return corpus
 
 
 def _blob(vector: np.ndarray) -> bytes:
