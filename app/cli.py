@@ -29,6 +29,7 @@ from app.core.memory.errors import InvalidInputError, MemoryDriverError, NotSupp
 from config.settings import get_settings, strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # what shells report for Ctrl-C
 
 DEMO_USER = "demo_user"
 DEMO_MEMORIES = [
@@ -154,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryDriverError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        # Every long command can be run again: import and copy are idempotent, reembed resumes,
+        # and export and backup leave no partial file behind.
+        print("interrupted; run the command again to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:

@@ -49,6 +49,21 @@ def backup_sqlite(source: Path, target: Path, *,
     started = time.perf_counter()
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
+    try:
+        pages, check = _copy(source, partial, progress)
+    except BaseException:  # an error or Ctrl-C: leave nothing half-written behind
+        partial.unlink(missing_ok=True)
+        raise
+    if check != "ok":
+        partial.unlink(missing_ok=True)
+        raise MemoryDriverError(f"the backup failed its integrity check: {check}")
+    partial.rename(target)  # only a complete, checked copy ever carries the target's name
+    return BackupResult(target, pages, target.stat().st_size, time.perf_counter() - started)
+
+
+def _copy(source: Path, partial: Path,
+          progress: Callable[[int, int], None] | None) -> tuple[int, str]:
+    """Copy from one read snapshot; returns the copy's page count and integrity check."""
     with closing(open_sqlite(source)) as reader, closing(sqlite3.connect(partial)) as copy:
         reader.execute("BEGIN")
         reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # take the snapshot
@@ -58,10 +73,5 @@ def backup_sqlite(source: Path, target: Path, *,
                           lambda _status, remaining, total: progress(total - remaining, total))
         finally:
             reader.execute("COMMIT")
-        pages = copy.execute("PRAGMA page_count").fetchone()[0]
-        check = copy.execute("PRAGMA integrity_check").fetchone()[0]
-    if check != "ok":
-        partial.unlink(missing_ok=True)
-        raise MemoryDriverError(f"the backup failed its integrity check: {check}")
-    partial.rename(target)  # only a complete, checked copy ever carries the target's name
-    return BackupResult(target, pages, target.stat().st_size, time.perf_counter() - started)
+        return (copy.execute("PRAGMA page_count").fetchone()[0],
+                copy.execute("PRAGMA integrity_check").fetchone()[0])

@@ -289,8 +289,10 @@ class BaseMemoryDriver(ABC):
 
     def import_records(self, records: Sequence[PortableRecord], *,
                        vectors_from: dict[str, Any] | None = None) -> list[tuple[int, str]]:
-        """Write checked records as they are (ids, timestamps, access counts kept), in one
-        transaction; returns ``(index, reason)`` for each record refused, the rest are written.
+        """Write records as they are (ids, timestamps, access counts kept), in one transaction;
+        returns ``(index, reason)`` for each record refused, the rest are written. The records
+        must be checked ones: from ``portable.parse_record`` or another driver's
+        ``export_records`` (``transfer.py`` gives them so).
 
         Idempotent: a memory is created or replaced by ``id``, a knowledge document replaced by
         ``doc_id`` (with exactly the given chunks), a user record replaced by ``user_id``. A memory
