@@ -309,6 +309,8 @@ def _import(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
     if args.file == "-":
         return _import_lines(driver, args, sys.stdin, total=0)
     try:
+        # A quick first pass counts the lines, so that the progress bar can show how far along
+        # the import is (a pipe on stdin gets a bar without a total instead).
         with open(args.file, encoding="utf-8") as counting:
             total = sum(1 for _ in counting)
         with open(args.file, encoding="utf-8") as lines:

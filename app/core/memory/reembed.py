@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from app.core.memory.base import Progress
 from app.core.memory.embeddings import Embedder
 from app.core.memory.validation import check_positive_int
 
@@ -76,7 +77,7 @@ class StagedVectors(Protocol):
 
 
 def run_reembed(store: StagedVectors, embedder: Embedder, *, batch_size: int,
-                progress: Callable[[int, int], None] | None = None) -> ReembedReport:
+                progress: Progress | None = None) -> ReembedReport:
     """Steps 1-3 above; ``progress(done, total)`` after every batch."""
     batch_size = check_positive_int(batch_size, "batch_size", maximum=MAX_BATCH_SIZE)
     model, dimension = embedder.model_name, embedder.dimension

@@ -55,11 +55,10 @@ def export_dump(driver: BaseMemoryDriver, out: TextIO, *, user_id: str | None = 
     """Write the header, every record of ``driver`` (see ``export_records``) and the end line
     to ``out``; returns the counts written."""
     records = driver.export_records(user_id=user_id, with_embeddings=with_embeddings)
-    identity = driver.stats()["embedding"]
+    identity, total = _identity_and_total(driver, user_id)
     out.write(to_json_line(header(driver=driver.name, user_id=user_id, embedding=identity,
                                   with_embeddings=with_embeddings and identity is not None)))
     counts: Counter[str] = Counter()
-    total = _total(driver, user_id)
     for record in records:
         out.write(to_json_line(_without_missing_vectors(record)))
         counts[PLURALS[record["type"]]] += 1
@@ -117,10 +116,10 @@ def copy_records(source: BaseMemoryDriver, target: BaseMemoryDriver, *,
         raise InvalidInputError("target must be another driver than source")
     batch_size = check_positive_int(batch_size, "batch_size", maximum=MAX_BATCH_SIZE)
     records = source.export_records(user_id=user_id, with_embeddings=True)
-    identity = source.stats()["embedding"]
+    identity, total = _identity_and_total(source, user_id)
     report = TransferReport()
     batch = _Batch(target, report, identity, batch_size)
-    total, done = _total(source, user_id), 0
+    done = 0
     for record in records:
         batch.add(_describe(record), record)
         if record["type"] != "user":
@@ -160,10 +159,14 @@ class _Batch:
         self._records, self._places = [], []
 
 
-def _total(driver: BaseMemoryDriver, user_id: str | None) -> int:
-    stats = driver.stats(user_id)
-    documents = stats.get("knowledge", {}).get("documents", 0) if user_id is None else 0
-    return int(sum(stats["memories"].values()) + documents)
+def _identity_and_total(driver: BaseMemoryDriver,
+                        user_id: str | None) -> tuple[dict[str, Any] | None, int]:
+    """The store's embedding identity, and how many memories and documents will pass (the
+    progress total), from ``stats`` (a second call only when one user is exported)."""
+    overall = driver.stats()
+    scoped = overall if user_id is None else driver.stats(user_id)
+    documents = overall["knowledge"]["documents"] if user_id is None else 0
+    return overall["embedding"], int(sum(scoped["memories"].values()) + documents)
 
 
 def _without_missing_vectors(record: PortableRecord) -> dict[str, Any]:

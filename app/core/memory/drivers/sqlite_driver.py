@@ -39,6 +39,7 @@ from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers import sqlite_transfer as transfer
+from app.core.memory.drivers.sqlite_values import from_epoch, vector_blob
 from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.drivers.vector_cache import VectorCache
 from app.core.memory.embeddings import (
@@ -285,7 +286,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             conn.executemany(
                 "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
                 "VALUES (?, ?, ?, ?)",
-                [(document_pk, index, chunk, _blob(vector))
+                [(document_pk, index, chunk, vector_blob(vector))
                  for index, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True))],
             )
             row = conn.execute("SELECT * FROM knowledge_documents WHERE pk = ?",
@@ -365,7 +366,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                                else json.dumps(changes.metadata)),
                               ("importance", changes.importance),
                               ("expires_at", changes.expires_at and changes.expires_at.timestamp()),
-                              ("embedding", None if vector is None else _blob(vector))):
+                              ("embedding", None if vector is None else vector_blob(vector))):
             if value is not None:
                 assignments.append(f"{column} = ?")
                 params.append(value)
@@ -525,8 +526,8 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 (user_id,),
             ).fetchone()
         if row is not None:
-            row = (row[0], json.loads(row[1]), _dt(row[2]), _dt(row[3]))
-        return user_record(user_id, row, counts, _dt(first), _dt(last))
+            row = (row[0], json.loads(row[1]), from_epoch(row[2]), from_epoch(row[3]))
+        return user_record(user_id, row, counts, from_epoch(first), from_epoch(last))
 
     @_translate_errors
     def get_profile(self, user_id: str) -> dict[str, Any]:
@@ -762,7 +763,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         """Insert ``draft``, or replace the memory with its key in place; returns the pk."""
         values = (draft.conversation_id, draft.content, json.dumps(draft.tags),
                   json.dumps(draft.metadata), draft.importance,
-                  draft.expires_at and draft.expires_at.timestamp(), now, _blob(vector))
+                  draft.expires_at and draft.expires_at.timestamp(), now, vector_blob(vector))
         if draft.key is not None:
             existing = conn.execute(
                 "SELECT pk FROM memories WHERE user_id = ? AND COALESCE(agent_id, '') = ? "
@@ -795,7 +796,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 "WHERE id IN (SELECT value FROM json_each(?))",
                 (now, json.dumps([memory["id"] for memory in memories])),
             )
-        accessed = _dt(now)
+        accessed = from_epoch(now)
         for memory in memories:
             memory["access_count"] += 1
             memory["last_accessed_at"] = accessed
@@ -819,14 +820,6 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _dt(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
-
-
-def _blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
 def _file_size(path: Path) -> int:
@@ -863,11 +856,11 @@ def _memory_from_row(row: sqlite3.Row) -> Memory:
         "metadata": json.loads(row["metadata"]),
         "importance": row["importance"],
         "access_count": row["access_count"],
-        "last_accessed_at": _dt(row["last_accessed_at"]),
-        "expires_at": _dt(row["expires_at"]),
-        "deleted_at": _dt(row["deleted_at"]),
-        "created_at": _dt(row["created_at"]),  # type: ignore[typeddict-item]
-        "updated_at": _dt(row["updated_at"]),  # type: ignore[typeddict-item]
+        "last_accessed_at": from_epoch(row["last_accessed_at"]),
+        "expires_at": from_epoch(row["expires_at"]),
+        "deleted_at": from_epoch(row["deleted_at"]),
+        "created_at": from_epoch(row["created_at"]),
+        "updated_at": from_epoch(row["updated_at"]),
     }
 
 
@@ -891,7 +884,7 @@ def _knowledge_from_row(row: sqlite3.Row, score: float) -> Knowledge:
         "content": row["content"],
         "chunk_index": row["chunk_index"],
         "metadata": json.loads(row["metadata"]),
-        "created_at": _dt(row["updated_at"]),  # type: ignore[typeddict-item]
+        "created_at": from_epoch(row["updated_at"]),
         "score": round(score, 6),
     }
 
@@ -903,8 +896,8 @@ def _document_from_row(row: sqlite3.Row) -> KnowledgeDocument:
         "title": row["title"],
         "metadata": json.loads(row["metadata"]),
         "chunk_count": row["chunk_count"],
-        "created_at": _dt(row["created_at"]),  # type: ignore[typeddict-item]
-        "updated_at": _dt(row["updated_at"]),  # type: ignore[typeddict-item]
+        "created_at": from_epoch(row["created_at"]),
+        "updated_at": from_epoch(row["updated_at"]),
     }
 
 

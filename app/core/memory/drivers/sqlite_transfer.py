@@ -13,11 +13,11 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import numpy as np
 
+from app.core.memory.drivers.sqlite_values import from_epoch, to_epoch, vector_blob
 from app.core.memory.errors import MemoryDriverError
 from app.core.memory.portable import (
     PortableDocument,
@@ -61,8 +61,8 @@ def read_users(conn: sqlite3.Connection, user_id: str | None) -> Iterator[Portab
             "SELECT user_id, display_name, profile, created_at, updated_at FROM users "
             "WHERE (?1 IS NULL OR user_id = ?1) ORDER BY user_id", (user_id,)):
         yield {"type": "user", "user_id": row[0], "display_name": row[1],
-               "profile": json.loads(row[2]), "created_at": _dt(row[3]),
-               "updated_at": _dt(row[4])}
+               "profile": json.loads(row[2]), "created_at": from_epoch(row[3]),
+               "updated_at": from_epoch(row[4])}
 
 
 def read_memories(conn: sqlite3.Connection, user_id: str | None, with_embeddings: bool,
@@ -88,7 +88,7 @@ def read_documents(conn: sqlite3.Connection,
             "WHERE document_pk = ? ORDER BY chunk_index", (document[0],)).fetchall()
         yield {"type": "knowledge_document", "doc_id": document[1], "category": document[2],
                "title": document[3], "metadata": json.loads(document[4]),
-               "created_at": _dt(document[5]), "updated_at": _dt(document[6]),
+               "created_at": from_epoch(document[5]), "updated_at": from_epoch(document[6]),
                "chunks": [{"chunk_index": chunk[0], "content": chunk[1],
                            "embedding": np.frombuffer(chunk[2], dtype=np.float32)
                            if with_embeddings else None} for chunk in chunks]}
@@ -125,9 +125,9 @@ def _write_memory(conn: sqlite3.Connection, memory: PortableMemory,
         memory["id"], memory["user_id"], memory["agent_id"], memory["conversation_id"],
         memory["namespace"], memory["key"], memory["content"], json.dumps(memory["tags"]),
         json.dumps(memory["metadata"]), memory["importance"], memory["access_count"],
-        _epoch(memory["last_accessed_at"]), _epoch(memory["expires_at"]),
-        _epoch(memory["deleted_at"]), _epoch(memory["created_at"]),
-        _epoch(memory["updated_at"]), _blob(vector)))
+        to_epoch(memory["last_accessed_at"]), to_epoch(memory["expires_at"]),
+        to_epoch(memory["deleted_at"]), to_epoch(memory["created_at"]),
+        to_epoch(memory["updated_at"]), vector_blob(vector)))
     return None
 
 
@@ -142,11 +142,11 @@ def _write_document(conn: sqlite3.Connection, document: PortableDocument,
         "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (document["doc_id"], document["category"], document["title"],
          json.dumps(document["metadata"]), len(document["chunks"]),
-         _epoch(document["created_at"]), _epoch(document["updated_at"]))).lastrowid
+         to_epoch(document["created_at"]), to_epoch(document["updated_at"]))).lastrowid
     conn.executemany(
         "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
         "VALUES (?, ?, ?, ?)",
-        [(document_pk, chunk["chunk_index"], chunk["content"], _blob(vector))
+        [(document_pk, chunk["chunk_index"], chunk["content"], vector_blob(vector))
          for chunk, vector in zip(document["chunks"], vectors, strict=True)])
     return None
 
@@ -158,7 +158,7 @@ def _write_user(conn: sqlite3.Connection, user: PortableUser) -> str | None:
         "display_name = excluded.display_name, profile = excluded.profile, "
         "created_at = excluded.created_at, updated_at = excluded.updated_at",
         (user["user_id"], user["display_name"], json.dumps(user["profile"]),
-         _epoch(user["created_at"]), _epoch(user["updated_at"])))
+         to_epoch(user["created_at"]), to_epoch(user["updated_at"])))
     return None
 
 
@@ -205,7 +205,7 @@ def reembed_stage(conn: sqlite3.Connection, corpus: str, rows: list[tuple[int, s
     """Stage vectors for rows whose content is still the text they were made from."""
     conn.executemany(
         f"UPDATE {corpus_table(corpus)} SET next_embedding = ? WHERE pk = ? AND content = ?",
-        [(_blob(vector), pk, text) for (pk, text), vector in zip(rows, vectors, strict=True)])
+        [(vector_blob(vector), pk, text) for (pk, text), vector in zip(rows, vectors, strict=True)])
 
 
 def reembed_finish(conn: sqlite3.Connection, model: str, dimension: int,
@@ -233,14 +233,3 @@ def reembed_finish(conn: sqlite3.Connection, model: str, dimension: int,
     return (None if previous is None else {"model": previous[0], "dimension": previous[1]},
             late)
 
-
-def _blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-
-
-def _epoch(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
-def _dt(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
