@@ -47,6 +47,7 @@ class Settings:
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
     soft_delete_retention_days: float = 30.0
+    async_workers: int = 8
 
     @property
     def is_production(self) -> bool:
@@ -111,6 +112,7 @@ class Settings:
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
                        float)
             ),
+            async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
         )
 
     def __repr__(self) -> str:
