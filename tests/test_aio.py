@@ -139,14 +139,32 @@ def test_workers_are_bounded_by_settings(monkeypatch: pytest.MonkeyPatch,
     assert default_workers("pgvector") == 1  # never more workers than pooled connections
 
 
-def test_bad_input_raises_before_anything_runs(in_process_model: Any, sqlite_path: Path) -> None:
-    memory = get_async_memory_driver()
-    with pytest.raises(InvalidInputError, match="top_k"):
-        asyncio.run(memory.recall("alice", top_k=0))
-    with pytest.raises(InvalidInputError, match=r"items\[1\]"):
-        asyncio.run(memory.store_many([{"user_id": "alice", "content": "fine"},
-                                       {"user_id": "alice"}]))
-    assert asyncio.run(memory.stats("alice"))["memories"]["visible"] == 0
+def test_bad_input_fails_fast_on_the_loop_without_waiting_for_a_worker(
+        sqlite_path: Path, embedder: SentenceTransformerEmbedder) -> None:
+    memory = AsyncMemoryDriver(SqliteDriver(path=sqlite_path, embedder=embedder), max_workers=1)
+    bad_calls = [
+        (lambda: memory.recall("alice", top_k=0), "top_k"),
+        (lambda: memory.store("alice", "x", importance=2), "importance"),
+        (lambda: memory.store_many([{"user_id": "alice", "content": "fine"},
+                                    {"user_id": "alice"}]), r"items\[1\]"),
+        (lambda: memory.get("a b"), "memory_id"),
+    ]
+
+    async def scenario() -> None:
+        busy = asyncio.create_task(memory.store_many(
+            [{"user_id": "busy", "content": f"note {i}"} for i in range(200)]))
+        await asyncio.sleep(0.01)
+        for call, argument in bad_calls:
+            with pytest.raises(InvalidInputError, match=argument):
+                await call()
+            assert not busy.done()  # refused while the only worker was still busy
+        await busy
+
+    try:
+        asyncio.run(scenario())
+        assert asyncio.run(memory.stats("alice"))["memories"]["visible"] == 0
+    finally:
+        memory.close()
 
 
 # -- cancellation: all or nothing, and nothing more after the cancel is delivered ---------------

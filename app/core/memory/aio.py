@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.core.memory.base import BaseMemoryDriver, Progress
@@ -40,7 +40,16 @@ from app.core.memory.records import (
     MemoryPage,
     User,
 )
-from app.core.memory.validation import DEFAULT_NAMESPACE
+from app.core.memory.validation import (
+    DEFAULT_NAMESPACE,
+    check_bool,
+    check_by_id,
+    check_query,
+    check_top_k,
+    prepare_filters,
+    prepare_store,
+    prepare_store_many,
+)
 
 if TYPE_CHECKING:
     from app.core.memory.embeddings import Embedder
@@ -101,6 +110,12 @@ class AsyncMemoryDriver:
         min_importance: float | None = None,
     ) -> list[Memory]:
         """``BaseMemoryDriver.recall`` off the loop."""
+        prepare_filters(user_id, agent_id=agent_id, conversation_id=conversation_id,
+                        namespace=namespace, tags=tags, exclude_tags=exclude_tags,
+                        min_importance=min_importance)
+        check_top_k(top_k)
+        check_bool(use_vector, "use_vector")
+        check_query(query)
         return await self._run(
             self.driver.recall, user_id, conversation_id, query, top_k, use_vector,
             exclude_tags, agent_id=agent_id, namespace=namespace, tags=tags,
@@ -129,6 +144,9 @@ class AsyncMemoryDriver:
         expires_at: datetime | None = None,
     ) -> Memory:
         """``BaseMemoryDriver.store`` off the loop."""
+        prepare_store(user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
+                      namespace=namespace, key=key, importance=importance, ttl=ttl,
+                      expires_at=expires_at, now=datetime.now(UTC))
         return await self._run(
             self.driver.store, user_id, content, conversation_id, tags, metadata,
             agent_id=agent_id, namespace=namespace, key=key, importance=importance, ttl=ttl,
@@ -149,6 +167,7 @@ class AsyncMemoryDriver:
 
     async def delete(self, memory_id: str, user_id: str | None = None) -> bool:
         """``BaseMemoryDriver.delete`` off the loop."""
+        check_by_id(memory_id, user_id)
         return await self._run(self.driver.delete, memory_id, user_id)
 
     async def health_check(self) -> HealthReport:
@@ -161,6 +180,7 @@ class AsyncMemoryDriver:
         self, memory_id: str, user_id: str | None = None, *, include_deleted: bool = False
     ) -> Memory | None:
         """``BaseMemoryDriver.get`` off the loop."""
+        check_by_id(memory_id, user_id)
         return await self._run(self.driver.get, memory_id, user_id,
                                include_deleted=include_deleted)
 
@@ -185,7 +205,15 @@ class AsyncMemoryDriver:
         )
 
     async def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
-        """``BaseMemoryDriver.store_many`` off the loop; all or nothing, also when cancelled."""
+        """``BaseMemoryDriver.store_many`` off the loop; all or nothing, also when cancelled.
+
+        ``items`` is read into a list here (a generator is consumed once, on the loop); a batch
+        of at most ``PRECHECK_MAX_ITEMS`` is checked here too, larger ones on the worker only.
+        """
+        if not isinstance(items, (str, bytes, Mapping)) and isinstance(items, Iterable):
+            items = list(items)
+            if len(items) <= PRECHECK_MAX_ITEMS:
+                prepare_store_many(items, now=datetime.now(UTC))
         return await self._run(self.driver.store_many, items)
 
     async def list_memories(
@@ -209,6 +237,7 @@ class AsyncMemoryDriver:
 
     async def restore(self, memory_id: str, user_id: str | None = None) -> bool:
         """``BaseMemoryDriver.restore`` off the loop."""
+        check_by_id(memory_id, user_id)
         return await self._run(self.driver.restore, memory_id, user_id)
 
     async def forget_user(self, user_id: str) -> int:
@@ -363,6 +392,9 @@ class AsyncMemoryDriver:
 
 
 _EXPORT_BATCH = 256
+#: Largest store_many batch checked on the loop before dispatch: checking costs ~60 us an item
+#: here (measured), so 64 items stay within a few milliseconds of the loop's time.
+PRECHECK_MAX_ITEMS = 64
 
 
 def default_workers(driver_name: str) -> int:
