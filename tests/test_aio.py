@@ -335,3 +335,20 @@ def _environment() -> dict[str, str]:
     environment.pop("MEMORY_ASYNC_EMBED_PROCESS", None)
     environment["MEMORY_DRIVER"] = "sqlite"
     return environment
+
+
+def test_calls_queued_when_the_driver_closes_raise_backend_unavailable(
+        sqlite_path: Path, embedder: SentenceTransformerEmbedder) -> None:
+    memory = AsyncMemoryDriver(SqliteDriver(path=sqlite_path, embedder=embedder), max_workers=1)
+
+    async def scenario() -> None:
+        busy = asyncio.create_task(memory.store_many(
+            [{"user_id": "busy", "content": f"note {i}"} for i in range(100)]))
+        queued = asyncio.create_task(memory.recall("alice"))
+        await asyncio.sleep(0.01)
+        await memory.aclose()  # waits for the call under way, drops the queued one
+        assert len(await busy) == 100
+        with pytest.raises(BackendUnavailableError, match="closed"):
+            await queued
+
+    asyncio.run(scenario())

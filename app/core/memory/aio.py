@@ -87,6 +87,12 @@ class AsyncMemoryDriver:
         try:
             return await asyncio.shield(waiter)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and self._closed and task is not None \
+                    and not task.cancelling():
+                # Dropped from the queue by close(), not cancelled by the caller.
+                raise BackendUnavailableError(
+                    f"this async {self.name} driver was closed before the call ran") from None
             # Not started: it never will. Started: let it finish so the batch is whole (or
             # rolled back as a whole) before the cancellation reaches the caller.
             if not future.cancel():
@@ -296,8 +302,20 @@ class AsyncMemoryDriver:
         stop = threading.Event()
 
         def hand_over(kind: str, value: Any) -> None:
-            if not stop.is_set():
-                asyncio.run_coroutine_threadsafe(queue.put((kind, value)), loop).result()
+            # Waits for room in the queue, but gives up once the consumer has left (or its
+            # loop has gone), so that the worker is never stuck.
+            try:
+                put = asyncio.run_coroutine_threadsafe(queue.put((kind, value)), loop)
+            except RuntimeError:  # the loop is closed
+                return
+            while not stop.is_set():
+                try:
+                    put.result(timeout=0.5)
+                    return
+                except TimeoutError:
+                    if loop.is_closed():
+                        break
+            put.cancel()
 
         def produce() -> None:
             try:
