@@ -189,7 +189,8 @@ async def measure_layering(url: str, args: argparse.Namespace) -> dict[str, Any]
     from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
     rng = np.random.default_rng(3)
-    vectors = [str(list(np.round(rng.normal(size=384), 4))) for _ in range(args.recalls)]
+    vectors = ["[" + ",".join(f"{x:.4f}" for x in rng.normal(size=384)) + "]"
+               for _ in range(args.recalls)]
     sync_pool = ConnectionPool(url, min_size=8, max_size=8, open=True)
     async_pool = AsyncConnectionPool(url, min_size=8, max_size=8, open=False)
     await async_pool.open(wait=True)

@@ -7,15 +7,41 @@
     hits = await memory.recall(user_id="u123", query="ui preferences", top_k=5)
 
 Every verb of ``BaseMemoryDriver`` is here as a coroutine with the same arguments, defaults,
-records and errors. An ``AsyncMemoryDriver`` wraps one sync driver (the one
-``get_memory_driver(name)`` returns) and runs its verbs on a fixed pool of worker threads
-(``MEMORY_ASYNC_WORKERS``), so database, HTTP and model work never run on the event loop and the
-SQL, the validation and the ranking exist once, in the sync drivers.
+records and errors (``export_records`` as an async iterator).
+
+Layering (decided by measurement, ``python -m bench.aio``, on the 2-core development machine):
+
+- **Database and HTTP work: the sync driver on a fixed pool of worker threads.** An
+  ``AsyncMemoryDriver`` wraps the sync driver ``get_memory_driver(name)`` returns and runs each
+  verb on ``MEMORY_ASYNC_WORKERS`` threads (for pgvector at most its pool size, so no worker ever
+  waits for a connection). The SQL, the validation and the ranking thus exist once. psycopg,
+  sqlite3 and httpx release the interpreter lock while they wait, so the threads overlap the
+  waits: 100 concurrent recalls on pgvector took {RATIO} of the time of the same recalls
+  awaited one after another. Native async was measured against it for the database half of a
+  recall (100 nearest-vector queries, 8 connections): psycopg's ``AsyncConnectionPool`` on the
+  loop {LAYERING}. Native async would pay only with far more calls in flight than a pool has
+  connections; it would also need every driver's SQL and row handling split from its I/O (a
+  second driver per backend) and pools bound to one event loop, where this driver serves any
+  loop. So: threads, also for AutoMem's HTTP (``httpx.Client`` is thread-safe).
+- **The embedding model: a child process** (``embed_process.py``, ``MEMORY_ASYNC_EMBED_PROCESS``).
+  Loading it (importing torch and sentence-transformers) holds the interpreter lock in stretches
+  of 0.2-0.5 s, and a thread cannot change that: with the load on a worker thread the loop woke
+  up to 1.1-1.6 s late. In a child process the load and every encode run beside the loop, and
+  concurrent queries are encoded together in batches. Installed as the process-wide embedder on
+  the first ``get_async_memory_driver`` call, unless a model is loaded in this process already.
+- **Validation on the loop** before dispatch (the same ``validation.py`` checks the drivers run
+  again): bad input fails at once instead of queueing behind busy workers. A ``store_many`` of
+  more than ``PRECHECK_MAX_ITEMS`` items is checked on its worker only (~60 us an item).
 
 Cancellation: a call that has not started on a worker yet never runs. A call that has started
 (a transaction under way) cannot be stopped half-way from outside, so it runs to its end (the
 sync driver commits or rolls back the whole batch) and the ``CancelledError`` is raised once it
-has: when a cancelled ``await`` returns, nothing more happens behind the caller's back.
+has: a cancelled ``store_many`` leaves all of its batch or none, and when a cancelled ``await``
+returns, nothing more happens behind the caller's back.
+
+Life cycle: ``aclose()`` (or ``async with``) stops the workers after the calls under way, fails
+the queued ones with ``BackendUnavailableError`` and closes the sync driver, which the manager
+forgets; ``MemoryDriverManager.reset_cache()`` closes every async driver along with its sync one.
 """
 
 from __future__ import annotations
