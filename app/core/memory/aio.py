@@ -16,19 +16,24 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   verb on ``MEMORY_ASYNC_WORKERS`` threads (for pgvector at most its pool size, so no worker ever
   waits for a connection). The SQL, the validation and the ranking thus exist once. psycopg,
   sqlite3 and httpx release the interpreter lock while they wait, so the threads overlap the
-  waits: 100 concurrent recalls on pgvector took {RATIO} of the time of the same recalls
-  awaited one after another. Native async was measured against it for the database half of a
-  recall (100 nearest-vector queries, 8 connections): psycopg's ``AsyncConnectionPool`` on the
-  loop {LAYERING}. Native async would pay only with far more calls in flight than a pool has
-  connections; it would also need every driver's SQL and row handling split from its I/O (a
-  second driver per backend) and pools bound to one event loop, where this driver serves any
-  loop. So: threads, also for AutoMem's HTTP (``httpx.Client`` is thread-safe).
+  waits: 100 concurrent recalls on pgvector took 0.25 of the time of the same recalls awaited
+  one after another (0.29 with a new query each, embedding included). Native async was measured
+  against it for the database half of a recall (100 nearest-vector queries, 8 connections):
+  psycopg's ``AsyncConnectionPool`` on the loop took 0.079 s against 0.065 s for the sync pool on
+  8 threads, so no faster; it did keep the loop's worst lateness lower there (11 against 33 ms:
+  the threads' own Python competes for the GIL), the one thing it would buy. For that it would
+  need every driver's SQL and row handling split from its I/O (a second driver per backend, or a
+  rewrite of each) and pools bound to one event loop, where this driver serves any loop. So:
+  threads, also for AutoMem's HTTP (``httpx.Client`` is thread-safe and waits without the GIL).
 - **The embedding model: a child process** (``embed_process.py``, ``MEMORY_ASYNC_EMBED_PROCESS``).
   Loading it (importing torch and sentence-transformers) holds the interpreter lock in stretches
   of 0.2-0.5 s, and a thread cannot change that: with the load on a worker thread the loop woke
   up to 1.1-1.6 s late. In a child process the load and every encode run beside the loop, and
   concurrent queries are encoded together in batches. Installed as the process-wide embedder on
   the first ``get_async_memory_driver`` call, unless a model is loaded in this process already.
+  Loop lag with all of this (cold process, 100 recalls and 10 store_many at once): p99 16-28 ms,
+  max 73-139 ms, against 17-57 ms for the same ticker with nothing running, on a machine shared
+  with other busy processes; what is left is the worker threads' Python and the scheduler.
 - **Validation on the loop** before dispatch (the same ``validation.py`` checks the drivers run
   again): bad input fails at once instead of queueing behind busy workers. A ``store_many`` of
   more than ``PRECHECK_MAX_ITEMS`` items is checked on its worker only (~60 us an item).
