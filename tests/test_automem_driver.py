@@ -12,6 +12,7 @@ import pytest
 
 from app.core.memory import BackendUnavailableError, InvalidInputError
 from app.core.memory.drivers.automem_driver import AutomemDriver
+from app.core.memory.drivers.automem_mapping import caller_tag, user_tag
 from tests.automem_double import AutomemDouble
 
 TOKEN = "s3cret-token-value"
@@ -61,7 +62,8 @@ def test_a_hanging_server_times_out_within_the_configured_time(service):
     started = time.monotonic()
     with pytest.raises(BackendUnavailableError, match="may or may not"):
         driver.store("alice", "a store is not repeated after a timeout")
-    assert time.monotonic() - started < 1.5
+    # Not repeated: one timeout, then the undo gives the server two read timeouts to finish.
+    assert time.monotonic() - started < 4.0
     assert driver.health_check()["status"] == "down"
     double.hang_seconds = 0.0
     driver.close()
@@ -135,8 +137,8 @@ def test_content_over_the_server_limit(service):
                            {"user_id": "alice", "content": "y" * 2001}])
     assert double.memories == {}
     document = driver.store_global_knowledge("z" * 5000, "misc", doc_id="long-word")
-    assert document["chunk_count"] == 3
-    assert all(len(m["content"]) <= 2000 for m in double.memories.values())
+    assert document["chunk_count"] == 10  # within the server's 500-character summarising limit
+    assert all(len(m["content"]) <= 500 for m in double.memories.values())
     driver.close()
 
 
@@ -189,7 +191,8 @@ def test_recall_speaks_the_api_as_documented(service):
     driver.recall("alice", query="tagged", tags=["a", "b"], exclude_tags=["c"])
     double.route = original_route  # type: ignore[method-assign]
     asked = seen[0]
-    assert asked["tags"] == ["memory-layer:memory", "user:alice", "a", "b"]  # repeated, not a,b
+    assert asked["tags"] == ["memory-layer:memory", user_tag("alice"), caller_tag("a"),
+                             caller_tag("b")]  # repeated, not a,b
     assert asked["tag_mode"] == ["all"] and asked["tag_match"] == ["exact"]
-    assert "memory-layer:deleted" in asked["exclude_tags"] and "c" in asked["exclude_tags"]
+    assert asked["exclude_tags"] == [caller_tag("c")]
     driver.close()
