@@ -20,7 +20,9 @@ TOKEN = "s3cret-token-value"
 
 @pytest.fixture
 def service() -> Iterator[tuple[AutomemDouble, str]]:
-    double = AutomemDouble(token=TOKEN)
+    # Every behaviour of the real server on (enrichment, queued embedding, prefix exclusion,
+    # slow batches, summaries): the faults below must hold through all of them.
+    double = AutomemDouble.realistic(token=TOKEN)
     url = double.start()
     yield double, url
     double.stop()
@@ -28,7 +30,8 @@ def service() -> Iterator[tuple[AutomemDouble, str]]:
 
 def make_driver(url: str, **options: object) -> AutomemDriver:
     settings: dict[str, object] = {"token": TOKEN, "connect_timeout": 0.5, "read_timeout": 0.5,
-                                   "max_tries": 3, "backoff_seconds": 0.05}
+                                   "max_tries": 3, "backoff_seconds": 0.05,
+                                   "enrichment_window": 0.15}
     settings.update(options)
     return AutomemDriver(url=url, **settings)  # type: ignore[arg-type]
 

@@ -285,7 +285,7 @@ def test_knowledge_chunks_fit_under_the_summarising_limit(double):
 
 @pytest.mark.parametrize("answer", [[], "ok"])
 def test_json_that_is_not_an_object_is_a_backend_error_not_a_crash(double, answer):
-    driver = make_driver(double)
+    driver = make_driver(double, read_timeout=0.5)
     memory = driver.store("alice", "Prefers dark mode")
     double.non_object_next(1, answer)
     assert [m["id"] for m in driver.recall("alice")] == [memory["id"]]  # retried
