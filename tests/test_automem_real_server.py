@@ -271,7 +271,8 @@ def test_long_content_is_stored_as_given_or_not_at_all(double):
 def test_knowledge_chunks_fit_under_the_summarising_limit(double):
     double.summarise_over = 500
     driver = make_driver(double)
-    text = " ".join(f"Section {i}: the warehouse in zone {i} stores spare parts." for i in range(60))
+    text = " ".join(f"Section {i}: the warehouse in zone {i} stores spare parts."
+                    for i in range(60))
     document = driver.store_global_knowledge(text, "operations", doc_id="warehouses")
     chunks = [m["content"] for m in double.memories.values()]
     assert len(chunks) == document["chunk_count"] > 1

@@ -13,7 +13,6 @@ from app.core.memory.drivers.automem_driver import AutomemDriver
 from tests.automem_double import AutomemDouble
 from tests.contract.contract import MemoryDriverContract
 
-
 #: The double enriches 0.05 s after a store; the driver waits this long before writing tags or
 #: metadata of a fresh memory.
 ENRICHMENT_WINDOW = 0.15
