@@ -422,8 +422,6 @@ class AutomemDriver(BaseMemoryDriver):
         metadata_now = dict(server.get("metadata") or {})
         layer = dict(layer_of(server))
         layer.update(tags=new_tags, updated_at=now.isoformat())
-        if "t_invalid" in patch:
-            layer["expires_at"] = patch["t_invalid"]
         metadata_now[LAYER] = layer
         if changes.metadata is not None:
             metadata_now["data"] = changes.metadata
@@ -673,8 +671,9 @@ class AutomemDriver(BaseMemoryDriver):
                     self._patch(memory_id, t_invalid=draft.expires_at.isoformat())
                 if len(draft.content) > self._soft_limit:
                     self._keep_content(memory_id, draft.content, undo=True)
-                results[index] = memory_from_server({**payload[position], "id": memory_id},
-                                                    memory_id)
+                expiry = draft.expires_at.isoformat() if draft.expires_at else None
+                results[index] = memory_from_server(
+                    {**payload[position], "id": memory_id, "t_invalid": expiry}, memory_id)
             for index, draft in enumerate(drafts):  # earlier items of an equal new key
                 if results[index] is None and draft.key is not None:
                     identity = (draft.user_id, draft.agent_id, draft.namespace, draft.key)

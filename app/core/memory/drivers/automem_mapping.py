@@ -108,7 +108,6 @@ def server_item(draft: MemoryDraft, now: datetime, *, operation: str | None = No
     layer = {"kind": "memory", "user_id": draft.user_id, "agent_id": draft.agent_id,
              "conversation_id": draft.conversation_id, "namespace": draft.namespace,
              "key": draft.key, "tags": draft.tags, "access_count": 0, "last_accessed_at": None,
-             "expires_at": draft.expires_at.isoformat() if draft.expires_at else None,
              "created_at": created.isoformat(), "updated_at": now.isoformat()}
     tags = memory_tags(draft.user_id, draft.agent_id, draft.conversation_id, draft.namespace,
                        draft.key, draft.tags, draft.importance)
@@ -143,8 +142,8 @@ def deleted_at_of(server: dict[str, Any]) -> datetime | None:
 
 
 def expires_at_of(server: dict[str, Any]) -> datetime | None:
-    """``t_invalid`` is the expiry; the metadata's copy covers the moment before it is set."""
-    return parse_time(server.get("t_invalid")) or parse_time(layer_of(server).get("expires_at"))
+    """The expiry is ``t_invalid`` alone: a copy in the metadata could be written back stale."""
+    return parse_time(server.get("t_invalid"))
 
 
 def memory_from_server(server: dict[str, Any], memory_id: Any) -> Memory | None:
