@@ -19,8 +19,8 @@ also returns memories outside the asked tags, as ``scope_fallback`` can), ``grap
 call but ``/health`` answers 500 while ``/health`` still says healthy).
 
 What the real server does that a client must survive (``AUTOMEM_API.md``, the section of that
-name), each switchable and off by default; ``realistic()`` turns them all on with delays short
-enough for tests:
+name), each switchable and (but for the two tag rules below) off by default; ``realistic()``
+turns them all on with delays short enough for tests:
 
 - ``enrichment_seconds``: every new memory is enriched by a background job that snapshots its
   tags and metadata at once and writes them back (plus an ``entity:`` tag and a metadata key)
@@ -33,10 +33,12 @@ enough for tests:
   only be found by its exact words. Without it, every memory matches every query about equally
   (the placeholder provider).
 - ``prefix_exclude``: ``exclude_tags`` drops a memory having a tag that starts with one of them.
-- ``case_insensitive_tags`` (on by default, as the server is) and ``recall_limit_cap`` (100).
+- ``case_insensitive_tags`` and ``recall_limit_cap`` (100) are on by default, as the server has
+  them (the double was written with them); switch them off to see a test depend on them.
 - ``batch_seconds_per_item``: a batch takes that long per item before it is stored; the server
   finishes it even after the client gave up.
-- ``summarise_over``: content longer than that is replaced by a short "summary" on store.
+- ``summarise_over``: content longer than that is replaced by a short "summary" on store (and
+  on a content PATCH too with ``summarise_patches``, which the issue did not observe).
 - ``after_recall``: called with the ids a recall answered, after answering (another client can
   delete one before the driver's next request); ``max_concurrent_patches`` records how many
   PATCHes were ever served at once.
@@ -103,6 +105,7 @@ class AutomemDouble:
         self.recall_limit_cap = 100
         self.batch_seconds_per_item = 0.0
         self.summarise_over: int | None = None
+        self.summarise_patches = False
         self.after_recall: Callable[[list[str]], None] | None = None
         self.max_concurrent_patches = 0
         self._patches_in_flight = 0
@@ -326,9 +329,7 @@ class AutomemDouble:
         self._check_memory(item)
         memory_id = str(uuid.uuid4())
         now = _iso(_now())
-        content = item["content"]
-        if self.summarise_over is not None and len(content) > self.summarise_over:
-            content = "Summary: " + " ".join(content.split()[:12])
+        content = self._summarised(item["content"])
         tags = list(item.get("tags", []))
         metadata = dict(item.get("metadata", {}))
         if self.enrichment_seconds is None:
@@ -381,6 +382,8 @@ class AutomemDouble:
                 raise HttpError(400, f"unknown fields: {sorted(unknown)}")
             if "content" in body:
                 self._check_memory({**stored, **body})
+                if self.summarise_patches:
+                    body = {**body, "content": self._summarised(body["content"])}
             for field, value in body.items():
                 stored[field] = value  # metadata replaces; updated_at moves only when sent
             if "content" in body:
@@ -481,6 +484,11 @@ class AutomemDouble:
                             "final_score": score(memory), "match_type": "keyword",
                             "source": source, "memory": public, "score_components": {}})
         return {"status": "success", "results": results, "count": len(results)}
+
+    def _summarised(self, content: str) -> str:
+        if self.summarise_over is not None and len(content) > self.summarise_over:
+            return "Summary: " + " ".join(content.split()[:12])
+        return content
 
     def _fold(self, tag: str) -> str:
         return tag.lower() if self.case_insensitive_tags else tag

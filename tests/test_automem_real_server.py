@@ -268,6 +268,21 @@ def test_long_content_is_stored_as_given_or_not_at_all(double):
     driver.close()
 
 
+def test_long_content_the_server_will_not_keep_is_refused_and_undone(double):
+    double.summarise_over = 500
+    double.summarise_patches = True  # putting it back does not help either
+    driver = make_driver(double)
+    long_text = " ".join(f"word{i}" for i in range(130))
+    kept = driver.store("alice", "short and kept")
+    with pytest.raises(BackendUnavailableError, match="summary"):
+        driver.store("alice", long_text)
+    with pytest.raises(BackendUnavailableError, match="summary"):
+        driver.store_many([{"user_id": "alice", "content": "short"},
+                           {"user_id": "alice", "content": long_text}])
+    assert [m["id"] for m in driver.list_memories("alice")["items"]] == [kept["id"]]
+    driver.close()
+
+
 def test_knowledge_chunks_fit_under_the_summarising_limit(double):
     double.summarise_over = 500
     driver = make_driver(double)

@@ -26,10 +26,12 @@ any change made in between. So:
 - User records are never patched: ``set_profile`` stores a new record and deletes the old ones,
   and readers take the newest.
 
-The one window left: if the server's enrichment queue has a backlog, a job can start later than
+The windows left: if the server's enrichment queue has a backlog, a job can start later than
 the window, and a tags/metadata change (not deletion, restore, expiry, content or importance) that
 lands during that job's own ~0.2 s can still be undone. The driver cannot see the queue; raise
-``AUTOMEM_ENRICHMENT_WINDOW`` for a server that is often backlogged.
+``AUTOMEM_ENRICHMENT_WINDOW`` for a server that is often backlogged. And the batch endpoint takes
+no ``t_invalid``: a memory stored with an expiry gets it from a second request in the same call,
+so another reader can see an already-expired memory for that one round trip.
 
 **How the rest of the contract maps.**
 
