@@ -31,7 +31,7 @@ def service() -> Iterator[tuple[AutomemDouble, str]]:
 def make_driver(url: str, **options: object) -> AutomemDriver:
     settings: dict[str, object] = {"token": TOKEN, "connect_timeout": 0.5, "read_timeout": 0.5,
                                    "max_tries": 3, "backoff_seconds": 0.05,
-                                   "enrichment_window": 0.15}
+                                   "enrichment_window": 0.25}
     settings.update(options)
     return AutomemDriver(url=url, **settings)  # type: ignore[arg-type]
 

@@ -35,7 +35,7 @@ def make_driver(double: AutomemDouble, **options: object) -> AutomemDriver:
     assert double.server is not None
     settings: dict[str, object] = {"token": TOKEN, "connect_timeout": 0.5, "read_timeout": 2.0,
                                    "max_tries": 3, "backoff_seconds": 0.02,
-                                   "enrichment_window": 2.5 * ENRICHMENT_SECONDS}
+                                   "enrichment_window": 3.5 * ENRICHMENT_SECONDS}
     settings.update(options)
     url = f"http://127.0.0.1:{double.server.server_address[1]}"
     return AutomemDriver(url=url, **settings)  # type: ignore[arg-type]
@@ -210,7 +210,7 @@ def test_a_result_deleted_meanwhile_does_not_fail_the_recall(double):
 def test_access_counts_are_written_concurrently(double):
     driver = make_driver(double)
     driver.store_many([{"user_id": "alice", "content": f"note {i}"} for i in range(10)])
-    time.sleep(2.5 * ENRICHMENT_SECONDS)
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
     results = driver.recall("alice", top_k=10)
     assert len(results) == 10 and all(m["access_count"] == 1 for m in results)
     assert double.max_concurrent_patches > 1  # not one request after another
