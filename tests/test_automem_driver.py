@@ -199,3 +199,15 @@ def test_recall_speaks_the_api_as_documented(service):
     assert asked["tag_mode"] == ["all"] and asked["tag_match"] == ["exact"]
     assert asked["exclude_tags"] == [caller_tag("c")]
     driver.close()
+
+
+def test_the_real_server_settings_are_read_from_the_environment():
+    from config.settings import Settings
+
+    settings = Settings.from_env({"AUTOMEM_ENRICHMENT_WINDOW": "1.5", "AUTOMEM_BATCH_SIZE": "40",
+                                  "AUTOMEM_CONTENT_SOFT_LIMIT": "800"})
+    assert (settings.automem_enrichment_window, settings.automem_batch_size,
+            settings.automem_content_soft_limit) == (1.5, 40, 800)
+    defaults = Settings.from_env({})
+    assert (defaults.automem_enrichment_window, defaults.automem_batch_size,
+            defaults.automem_content_soft_limit) == (0.5, 100, 500)
