@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -312,4 +313,55 @@ def test_json_that_is_not_an_object_is_a_backend_error_not_a_crash(double, answe
             call()
     double.non_object_next(1, answer)
     assert driver.health_check()["status"] == "down"
+    driver.close()
+
+
+# -- records written by the driver before issue 14 --------------------------------------------
+
+
+def legacy_item(user_id: str, content: str, *, tags: list[str] | None = None,
+                key: str | None = None, deleted: bool = False) -> dict[str, object]:
+    """A memory as the driver before issue 14 wrote it (its ``_server_item``, restated)."""
+    now = datetime.now(UTC).isoformat()
+    server_tags = ["memory-layer:memory", f"user:{user_id}", "namespace:default"]
+    server_tags += [f"key:{key}"] if key else []
+    server_tags += (tags or []) + (["memory-layer:deleted"] if deleted else [])
+    layer = {"kind": "memory", "user_id": user_id, "agent_id": None, "conversation_id": None,
+             "namespace": "default", "key": key, "tags": tags or [], "access_count": 0,
+             "last_accessed_at": None, "expires_at": None,
+             "deleted_at": now if deleted else None, "created_at": now, "updated_at": now}
+    return {"content": content, "tags": server_tags, "importance": 0.5, "timestamp": now,
+            "metadata": {"memory_layer": layer, "data": {}}}
+
+
+def test_records_of_the_previous_driver_are_found_after_upgrading_them(double):
+    driver = make_driver(double)
+    now = datetime.now(UTC).isoformat()
+    with double.lock:
+        kept, gone, other = (double._create(item) for item in (
+            legacy_item("alice", "likes green tea", tags=["pref"], key="drink"),
+            legacy_item("alice", "was deleted", deleted=True),
+            legacy_item("Alice", "another user")))
+        double._create({"content": "Refunds take 14 days.", "importance": 0.5,
+                        "tags": ["memory-layer:knowledge", "category:ops", "document:refunds"],
+                        "metadata": {"memory_layer": {
+                            "kind": "knowledge", "doc_id": "refunds", "category": "ops",
+                            "title": None, "chunk_index": 0, "chunk_count": 1,
+                            "document_metadata": {}, "updated_at": now}}})
+        double._create({"content": "User record bob", "importance": 0.5,
+                        "tags": ["memory-layer:user", "user:bob"],
+                        "metadata": {"memory_layer": {
+                            "kind": "user", "user_id": "bob", "display_name": "Bob",
+                            "profile": {"tz": "UTC"}, "created_at": now, "updated_at": now}}})
+    assert driver.recall("alice") == []  # the new mapping does not see the old records
+    assert driver.upgrade_legacy_records() == 5
+    assert driver.upgrade_legacy_records() == 0
+    assert [m["id"] for m in driver.recall("alice")] == [kept]
+    assert [m["id"] for m in driver.recall("alice", tags=["pref"])] == [kept]
+    assert [m["id"] for m in driver.recall("Alice")] == [other]
+    assert driver.get(gone, "alice") is None
+    assert driver.restore(gone, "alice") is True
+    assert driver.store("alice", "likes black tea", key="drink")["id"] == kept
+    assert [k["doc_id"] for k in driver.recall_global_knowledge("refunds")] == ["refunds"]
+    assert driver.get_profile("bob") == {"tz": "UTC"}
     driver.close()

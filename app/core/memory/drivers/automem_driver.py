@@ -579,6 +579,23 @@ class AutomemDriver(BaseMemoryDriver):
         self._write_user(user_id, current.get("display_name"), stored, records)
         return stored
 
+    def upgrade_legacy_records(self) -> int:
+        """Re-map records written by the driver before issue 14 (an AutoMem-only operator call).
+
+        That driver filtered on plain tags (``user:<id>``, ``namespace:<ns>``, caller tags as
+        given) and kept deletion and expiry in the metadata; this one finds nothing of it. Each
+        such memory, knowledge chunk and user record gets the hashed tags, its deletion moved to
+        ``t_valid`` and its expiry to ``t_invalid``. Idempotent; returns how many were changed.
+        """
+        changed = 0
+        for tag in (MEMORY_TAG, KNOWLEDGE_TAG, USER_TAG):
+            for server in self._list_tagged(tag):
+                fields = mapping.legacy_upgrade(server)
+                if fields:
+                    self._patch(server["id"], not_found=None, **fields)
+                    changed += 1
+        return changed
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

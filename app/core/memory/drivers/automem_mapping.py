@@ -261,3 +261,45 @@ def _float(value: Any, default: float) -> float:
         return float(value)
     except (TypeError, ValueError):
         return default
+
+
+#: Tags the driver wrote before issue 14, beside the ones it still writes.
+_LEGACY_PREFIXES = ("namespace:", "agent:", "key:", "category:", "document:")
+_LEGACY_DELETED_TAG = "memory-layer:deleted"
+
+
+def legacy_upgrade(server: dict[str, Any]) -> dict[str, Any]:
+    """The PATCH that re-maps a record written before issue 14; ``{}`` if it needs none."""
+    layer = dict(layer_of(server))
+    kind = layer.get("kind")
+    tags = [t for t in server.get("tags") or [] if isinstance(t, str)]
+    if kind == "memory" and isinstance(layer.get("user_id"), str):
+        if user_tag(layer["user_id"]) in tags:
+            return {}
+        caller = [t for t in layer.get("tags") or [] if isinstance(t, str)]
+        extras = [t for t in tags if not t.startswith(("ml:", "memory-layer:", "user:",
+                                                       "conversation:", *_LEGACY_PREFIXES))
+                  and t not in caller]
+        importance = _float(server.get("importance"), 0.5)
+        new_tags = extras + memory_tags(
+            layer["user_id"], layer.get("agent_id"), layer.get("conversation_id"),
+            layer.get("namespace") or DEFAULT_NAMESPACE, layer.get("key"), caller, importance)
+        deleted = parse_time(layer.pop("deleted_at", None))
+        expires = parse_time(layer.pop("expires_at", None))
+        metadata = {**(server.get("metadata") or {}), LAYER: layer}
+        fields: dict[str, Any] = {"tags": new_tags, "metadata": metadata,
+                                  "t_valid": deleted_marker(deleted) if deleted else None}
+        if expires is not None and not server.get("t_invalid"):
+            fields["t_invalid"] = expires.isoformat()
+        return fields
+    if kind == "knowledge" and isinstance(layer.get("doc_id"), str):
+        if exact_tag("doc", layer["doc_id"]) in tags:
+            return {}
+        kept = [t for t in tags if not t.startswith(_LEGACY_PREFIXES)]
+        return {"tags": kept + [exact_tag("category", str(layer.get("category"))),
+                                exact_tag("doc", layer["doc_id"])]}
+    if kind == "user" and isinstance(layer.get("user_id"), str):
+        if user_tag(layer["user_id"]) in tags:
+            return {}
+        return {"tags": [*tags, user_tag(layer["user_id"])]}
+    return {}
