@@ -62,6 +62,8 @@ so another reader can see an already-expired memory for that one round trip.
   ``BackendUnavailableError``.
 - **health_check** makes a real read (``/health`` can say healthy while every call fails).
 - **Limits**: content over the server's 2,000 characters is ``InvalidInputError`` for memories.
+- **Records of the driver before this mapping** (plain ``user:<id>`` tags, deletion in the
+  metadata) are invisible until ``upgrade_legacy_records()`` re-maps them, once.
 """
 
 from __future__ import annotations
