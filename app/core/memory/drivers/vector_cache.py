@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from app.core.memory.errors import EmbeddingMismatchError
+
 
 class VectorSpace:
     """One space's vectors: ``pks[i]`` is the row key of ``matrix[i]``. Guard use with ``lock``."""
@@ -45,8 +47,12 @@ class VectorSpace:
         for pk, blob in rows:
             vector = np.frombuffer(blob, dtype=np.float32)
             if vector.shape[0] != self.dimension:
-                raise ValueError(f"stored vector of row {pk} has {vector.shape[0]} dimensions, "
-                                 f"expected {self.dimension}")
+                # Another process re-embedded the store with a model of another size.
+                raise EmbeddingMismatchError(
+                    f"stored vector of row {pk} has {vector.shape[0]} dimensions but the "
+                    f"configured model makes {self.dimension}: the store was re-embedded with "
+                    "another model; configure that model (MEMORY_EMBEDDING_MODEL) and restart, "
+                    "or run `python -m app reembed` to switch it back")
             position = self.positions.get(pk)
             if position is None:
                 position = self.size
