@@ -299,3 +299,120 @@ def test_an_import_batch_that_fails_leaves_nothing(backend: str, request: pytest
     with pytest.raises(MemoryDriverError):
         target.import_records(records)
     assert target.list_memories("alice")["items"] == []
+
+
+# -- item 6: fresh, rollback and reset are all-or-nothing; status tells the truth --------------
+
+
+def migrations_with_extra(tmp_path: Path, database: str, up: str) -> Path:
+    """The project's migrations for ``database`` plus a last one whose ``up`` runs ``up``."""
+    folder = tmp_path / f"migrations-{database}"
+    folder.mkdir()
+    for source in migrations_dir(database).glob("*.py"):
+        (folder / source.name).write_text(source.read_text())
+    (folder / "2099_01_01_000001_the_last_one.py").write_text(textwrap.dedent(f"""
+        import sys, time
+        def up(db):
+            {up}
+        def down(db):
+            pass
+    """))
+    return folder
+
+
+def test_sqlite_fresh_killed_part_way_leaves_the_old_schema_and_data(sqlite_path: Path,
+                                                                    tmp_path: Path):
+    driver = SqliteDriver(path=sqlite_path, embedder=WordHashEmbedder())
+    kept = driver.store("alice", "kept through a killed fresh")
+    folder = migrations_with_extra(
+        tmp_path, "sqlite", 'print("ready", flush=True); time.sleep(60)')
+    run = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from app.core.database.migrator import Migrator, SqliteMigrationDatabase
+        from pathlib import Path
+        Migrator(SqliteMigrationDatabase({str(sqlite_path)!r}), Path({str(folder)!r}),
+                 out=lambda line: None).fresh()
+    """)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert run.stdout is not None and run.stdout.readline().strip() == "ready"
+    finally:
+        run.kill()  # the tables are dropped and the schema rebuilt, not yet committed
+        run.wait(30)
+    assert [m["id"] for m in driver.recall("alice", query="killed fresh")] == [kept["id"]]
+    db = SqliteMigrationDatabase(sqlite_path)
+    try:
+        assert Migrator(db, migrations_dir("sqlite")).damage() is None
+    finally:
+        db.close()
+    driver.close()
+
+
+def test_postgres_fresh_that_fails_part_way_leaves_the_old_schema_and_data(blank_database: str,
+                                                                          tmp_path: Path):
+    from app.core.database.migrator import MigrationError
+    from app.core.database.postgres_migration import PostgresMigrationDatabase
+    from app.core.memory.drivers.pgvector_driver import PgvectorDriver
+
+    url = migrate_postgres(blank_database)
+    driver = PgvectorDriver(url=url, embedder=WordHashEmbedder())
+    try:
+        kept = driver.store("alice", "kept through a failed fresh")
+        folder = migrations_with_extra(tmp_path, "pgvector",
+                                       'raise RuntimeError("interrupted")')
+        db = PostgresMigrationDatabase(url)
+        try:
+            with pytest.raises(MigrationError, match="interrupted"):
+                Migrator(db, folder, out=lambda line: None).fresh()
+            assert [m["id"] for m in driver.list_memories("alice")["items"]] == [kept["id"]]
+            assert Migrator(db, migrations_dir("pgvector")).damage() is None
+        finally:
+            db.close()
+    finally:
+        driver.close()
+
+
+def test_sqlite_rollback_whose_down_fails_part_way_rolls_back_nothing(tmp_path: Path):
+    from app.core.database.migrator import MigrationError
+
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for number, table, down in ((1, "alpha", 'db.execute("DROP TABLE alpha")'),
+                                (2, "beta", 'raise RuntimeError("beta cannot go")'),
+                                (3, "gamma", 'db.execute("DROP TABLE gamma")')):
+        (folder / f"2026_01_01_00000{number}_create_{table}.py").write_text(textwrap.dedent(f"""
+            def up(db):
+                db.execute("CREATE TABLE {table} (id INTEGER)")
+            def down(db):
+                {down}
+        """))
+    db = SqliteMigrationDatabase(tmp_path / "three.sqlite3")
+    try:
+        migrator = Migrator(db, folder, out=lambda line: None)
+        migrator.migrate()
+        with pytest.raises(MigrationError, match="beta cannot go"):
+            migrator.rollback()
+        assert [row.ran for row in migrator.status()] == [True, True, True]
+        names = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert {"alpha", "beta", "gamma"} <= names
+        with pytest.raises(MigrationError):
+            migrator.reset()
+        assert [row.ran for row in migrator.status()] == [True, True, True]
+    finally:
+        db.close()
+
+
+def test_status_and_migrate_tell_a_half_dropped_schema(sqlite_path: Path):
+    """The state an interrupted fresh used to leave: the log says migrated, tables are gone."""
+    with closing(sqlite3.connect(sqlite_path)) as conn:
+        conn.execute("DROP TABLE memories_fts")
+        conn.execute("DROP TABLE memories")
+    env = {**os.environ, "MEMORY_DRIVER": "sqlite", "MEMORY_SQLITE_PATH": str(sqlite_path),
+           "APP_ENV": "local"}
+    status = subprocess.run([sys.executable, "migrate.py", "status"], cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 1, status.stdout
+    assert "memories" in status.stdout and "fresh" in status.stderr
+    migrate = subprocess.run([sys.executable, "migrate.py"], cwd=PROJECT_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert migrate.returncode == 1 and "Nothing to migrate" not in migrate.stdout
+    assert "fresh" in migrate.stderr and "Traceback" not in migrate.stderr
