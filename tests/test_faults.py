@@ -416,3 +416,42 @@ def test_status_and_migrate_tell_a_half_dropped_schema(sqlite_path: Path):
                              capture_output=True, text=True, timeout=120)
     assert migrate.returncode == 1 and "Nothing to migrate" not in migrate.stdout
     assert "fresh" in migrate.stderr and "Traceback" not in migrate.stderr
+
+
+# -- item 8: a killed backup's partial file ---------------------------------------------------
+
+
+def test_a_killed_backups_partial_file_is_removed_by_the_next_backup(tmp_path: Path):
+    source = tmp_path / "big.sqlite3"
+    with closing(sqlite3.connect(source)) as conn:
+        conn.execute("CREATE TABLE pages (data BLOB)")
+        conn.executemany("INSERT INTO pages VALUES (randomblob(4000))", [()] * 1_000)
+        conn.commit()
+    backups = tmp_path / "backups"
+    killed = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from app.core.database.sqlite_backup import backup_sqlite
+        def stall(done, total):
+            print("copying", flush=True)
+            time.sleep(60)
+        backup_sqlite(Path({str(source)!r}), Path({str(backups / "first.sqlite3")!r}),
+                      progress=stall)
+    """)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert killed.stdout is not None and killed.stdout.readline().strip() == "copying"
+    finally:
+        killed.kill()
+        killed.wait(30)
+    leftover = backups / "first.sqlite3.partial"
+    assert leftover.exists()
+    someone_elses = backups / "notes.partial"
+    someone_elses.write_text("not a backup")
+
+    from app.core.database.sqlite_backup import backup_sqlite
+
+    result = backup_sqlite(source, backups / "second.sqlite3")
+    assert result.path.exists()
+    assert not leftover.exists(), "the killed backup's partial file is still there"
+    assert someone_elses.exists()
