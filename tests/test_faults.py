@@ -455,3 +455,55 @@ def test_a_killed_backups_partial_file_is_removed_by_the_next_backup(tmp_path: P
     assert result.path.exists()
     assert not leftover.exists(), "the killed backup's partial file is still there"
     assert someone_elses.exists()
+
+
+# -- item 10: a huge line in an import file ---------------------------------------------------
+
+
+def test_a_huge_line_in_an_import_file_is_refused_without_reading_it_whole(tmp_path: Path):
+    """A 300 MB line between two good records: the good ones are imported, the line is refused
+    with its number, and the process never holds it (peak memory grows by far less than it)."""
+    from app.core.memory import transfer
+    from app.core.memory.portable import header, to_json_line
+
+    dump = tmp_path / "dump.jsonl"
+    with dump.open("w", encoding="utf-8") as out:
+        out.write(to_json_line(header(driver="sqlite", user_id=None, embedding=None,
+                                      with_embeddings=False)))
+        out.write(to_json_line(memory_record("m1", "before the huge line")))
+        out.write('{"type": "memory", "content": "')
+        block = "x" * (1 << 20)
+        for _ in range(300):
+            out.write(block)
+        out.write('"}\n')
+        out.write(to_json_line(memory_record("m2", "after the huge line")))
+    result = run_python(f"""
+        import resource
+        from app.core.memory import transfer
+        from app.core.memory.drivers.sqlite_driver import SqliteDriver
+        from tests.conftest import migrate_sqlite
+        from pathlib import Path
+        from tests.word_hash_embedder import WordHashEmbedder
+        driver = SqliteDriver(path=migrate_sqlite(Path({str(tmp_path / "db.sqlite3")!r})),
+                              embedder=WordHashEmbedder())
+        driver.list_memories("alice")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # What the CLI does before an import: count the lines for the progress bar (before the
+        # fix it iterated the file's lines).
+        count = getattr(transfer, "count_lines", lambda path: sum(1 for _ in open(path)))
+        total = count({str(dump)!r})
+        with open({str(dump)!r}, encoding="utf-8") as lines:
+            report = transfer.import_dump(driver, lines, total=total)
+        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print("total", total)
+        print("refused", report.refused)
+        print("stored", sorted(m["id"] for m in driver.list_memories("alice")["items"]))
+        print("grew_mb", grew // 1024)
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["total"] == "4"
+    assert int(lines["grew_mb"]) < 150, lines["grew_mb"]
+    assert "line 3" in lines["refused"] and "longer than" in lines["refused"]
+    assert lines["stored"] == "['m1', 'm2']"
+    assert transfer.MAX_LINE_CHARS < 300 * (1 << 20)
