@@ -507,3 +507,45 @@ def test_a_huge_line_in_an_import_file_is_refused_without_reading_it_whole(tmp_p
     assert "line 3" in lines["refused"] and "longer than" in lines["refused"]
     assert lines["stored"] == "['m1', 'm2']"
     assert transfer.MAX_LINE_CHARS < 300 * (1 << 20)
+
+
+# -- item 5: the vector cache is bounded by bytes ----------------------------------------------
+
+
+def test_the_vector_cache_of_many_one_memory_users_stays_within_its_budget():
+    """20,000 users with one memory each under a budget of 10,000 vectors (15 MB): what the
+    cache really allocates (numpy reports its buffers to tracemalloc) stays within the budget."""
+    import tracemalloc
+
+    import numpy as np
+
+    from app.core.memory.drivers.vector_cache import VectorCache
+
+    blob = np.ones(384, dtype=np.float32).tobytes()
+    budget = 10_000 * 384 * 4
+    tracemalloc.start()
+    try:
+        cache = VectorCache(384, 10_000)
+        for user in range(20_000):
+            space = cache.space(f"memory:user{user}")
+            with space.lock:
+                space.upsert([(user, blob)])
+        allocated, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert allocated <= budget, f"{allocated / 1e6:.0f} MB allocated, budget {budget / 1e6:.0f} MB"
+    assert cache.space("memory:user19999").size == 1  # the latest users are still cached
+
+
+def test_a_space_that_grows_past_the_budget_evicts_the_others(sqlite_path: Path):
+    driver = SqliteDriver(path=sqlite_path, embedder=WordHashEmbedder(),
+                          vector_cache_max_bytes=400_000)
+    driver.store_many([{"user_id": f"small{n}", "content": f"note {n}"} for n in range(50)])
+    for n in range(50):
+        driver.recall(f"small{n}", query=f"note {n}")
+    driver.store_many([{"user_id": "big", "content": f"big note {n}"} for n in range(200)])
+    driver.recall("big", query="big note 7")
+    cache = driver._vectors  # noqa: SLF001 - the cache's accounting is what is under test
+    assert cache is not None and cache.total_bytes() <= 400_000
+    assert [m["content"] for m in driver.recall("small3", query="note 3")] == ["note 3"]
+    driver.close()

@@ -173,7 +173,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
 
     def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
                  busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
-                 vector_cache_max_vectors: int = 2_000_000,
+                 vector_cache_max_vectors: int = 2_000_000, vector_cache_max_bytes: int = 0,
                  weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS) -> None:
         if str(path) == MEMORY_DATABASE:
             raise InvalidInputError(
@@ -185,6 +185,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         self._busy_timeout_ms = busy_timeout_ms
         self._retention = retention
         self._vector_cache_max = vector_cache_max_vectors
+        self._vector_cache_max_bytes = vector_cache_max_bytes
         self._weights = weights
         self._vectors: VectorCache | None = None
         self._local = threading.local()
@@ -209,6 +210,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             retention=timedelta(days=settings.soft_delete_retention_days),
             vector_cache_max_vectors=settings.vector_cache_max_vectors,
+            vector_cache_max_bytes=settings.vector_cache_max_bytes,
         )
 
     # -- the six verbs of the original design ---------------------------------------------------
@@ -808,7 +810,8 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
 
     def _vector_cache(self) -> VectorCache:
         if self._vectors is None:
-            self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max)
+            self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max,
+                                        max_bytes=self._vector_cache_max_bytes)
         return self._vectors
 
     def _set_deleted(self, memory_id: str, user_id: str | None, *, deleted: bool) -> bool:
