@@ -159,7 +159,11 @@ class _ThreadConnection:
             self.connection.close()
 
     def __del__(self) -> None:
-        self.close()
+        # Also runs at interpreter shutdown, when module globals (sqlite3, suppress) may be gone.
+        try:  # noqa: SIM105
+            self.connection.close()
+        except Exception:  # noqa: BLE001, S110 - nothing to report to at that point
+            pass
 
 
 class _WriteLockTimeout(BackendUnavailableError):
