@@ -49,6 +49,9 @@ class Settings:
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
+    #: The SQLite vector cache's budget in bytes, overheads included; 0: the bytes of
+    #: ``vector_cache_max_vectors`` vectors of the model's size.
+    vector_cache_max_bytes: int = 0
     soft_delete_retention_days: float = 30.0
 
     @property
@@ -115,6 +118,9 @@ class Settings:
             query_cache_size=int(number("MEMORY_QUERY_CACHE_SIZE", defaults.query_cache_size)),
             vector_cache_max_vectors=int(
                 number("MEMORY_VECTOR_CACHE_MAX_VECTORS", defaults.vector_cache_max_vectors)
+            ),
+            vector_cache_max_bytes=int(
+                number("MEMORY_VECTOR_CACHE_MAX_BYTES", defaults.vector_cache_max_bytes)
             ),
             soft_delete_retention_days=float(
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
