@@ -311,8 +311,7 @@ def _import(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
     try:
         # A quick first pass counts the lines, so that the progress bar can show how far along
         # the import is (a pipe on stdin gets a bar without a total instead).
-        with open(args.file, encoding="utf-8") as counting:
-            total = sum(1 for _ in counting)
+        total = transfer.count_lines(args.file)  # a chunk at a time: lines may be huge
         with open(args.file, encoding="utf-8") as lines:
             return _import_lines(driver, args, lines, total=total)
     except (OSError, UnicodeDecodeError) as exc:

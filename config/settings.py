@@ -42,10 +42,16 @@ class Settings:
     automem_read_timeout: float = 25.0
     automem_max_tries: int = 3
     automem_backoff_seconds: float = 0.5
+    automem_enrichment_window: float = 0.5
+    automem_batch_size: int = 100
+    automem_content_soft_limit: int = 500
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
+    #: The SQLite vector cache's budget in bytes, overheads included; 0: the bytes of
+    #: ``vector_cache_max_vectors`` vectors of the model's size.
+    vector_cache_max_bytes: int = 0
     soft_delete_retention_days: float = 30.0
     async_workers: int = 8
     async_embed_process: bool = True
@@ -111,6 +117,12 @@ class Settings:
             automem_max_tries=int(number("AUTOMEM_MAX_TRIES", defaults.automem_max_tries)) or 1,
             automem_backoff_seconds=float(number("AUTOMEM_BACKOFF_SECONDS",
                                                  defaults.automem_backoff_seconds, float)),
+            automem_enrichment_window=float(number("AUTOMEM_ENRICHMENT_WINDOW",
+                                                   defaults.automem_enrichment_window, float)),
+            automem_batch_size=int(number("AUTOMEM_BATCH_SIZE", defaults.automem_batch_size))
+            or 1,
+            automem_content_soft_limit=int(number("AUTOMEM_CONTENT_SOFT_LIMIT",
+                                                  defaults.automem_content_soft_limit)) or 500,
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
             embedding_batch_size=int(
                 number("MEMORY_EMBEDDING_BATCH_SIZE", defaults.embedding_batch_size)
@@ -118,6 +130,9 @@ class Settings:
             query_cache_size=int(number("MEMORY_QUERY_CACHE_SIZE", defaults.query_cache_size)),
             vector_cache_max_vectors=int(
                 number("MEMORY_VECTOR_CACHE_MAX_VECTORS", defaults.vector_cache_max_vectors)
+            ),
+            vector_cache_max_bytes=int(
+                number("MEMORY_VECTOR_CACHE_MAX_BYTES", defaults.vector_cache_max_bytes)
             ),
             soft_delete_retention_days=float(
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
