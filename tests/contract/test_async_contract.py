@@ -17,6 +17,7 @@ from app.core.memory.embeddings import SentenceTransformerEmbedder
 from tests.automem_double import AutomemDouble
 from tests.contract.async_adapter import EventLoopThread, SyncOverAsync
 from tests.contract.contract import MemoryDriverContract
+from tests.contract.test_automem_contract import ENRICHMENT_WINDOW
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ class TestAsyncPgvector(MemoryDriverContract):
 
 @pytest.fixture(scope="module")
 def automem_service() -> Iterator[tuple[AutomemDouble, str]]:
-    double = AutomemDouble(token="contract-token")
+    """The same realistic AutoMem double as the sync contract suite's."""
+    double = AutomemDouble.realistic(token="contract-token")
     url = double.start()
     yield double, url
     double.stop()
@@ -62,6 +64,7 @@ class TestAsyncAutomem(MemoryDriverContract):
     def driver(self, automem_service: tuple[AutomemDouble, str],
                event_loop_thread: EventLoopThread) -> Iterator[SyncOverAsync]:
         double, url = automem_service
+        double.settle()
         double.memories.clear()
-        yield from adapted(AutomemDriver(url=url, token="contract-token", backoff_seconds=0.01),
-                           event_loop_thread)
+        yield from adapted(AutomemDriver(url=url, token="contract-token", backoff_seconds=0.01,
+                                         enrichment_window=ENRICHMENT_WINDOW), event_loop_thread)
