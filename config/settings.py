@@ -54,7 +54,7 @@ class Settings:
     vector_cache_max_bytes: int = 0
     soft_delete_retention_days: float = 30.0
     async_workers: int = 8
-    async_embed_process: bool = True
+    async_embed_in_process: bool = False
 
     @property
     def is_production(self) -> bool:
@@ -85,10 +85,12 @@ class Settings:
             raw = source.get(name, "").strip().lower()
             if not raw:
                 return default
-            if raw in ("1", "true", "yes", "on"):
+            if raw in ("true", "yes", "on"):
                 return True
-            if raw in ("0", "false", "no", "off"):
+            if raw in ("false", "no", "off"):
                 return False
+            if raw.isdigit():  # 1 / 0, as shell scripts write them
+                return int(raw) != 0
             raise SettingsError(f"{name} must be true or false (got {raw!r})")
 
         return cls(
@@ -139,7 +141,8 @@ class Settings:
                        float)
             ),
             async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
-            async_embed_process=flag("MEMORY_ASYNC_EMBED_PROCESS", defaults.async_embed_process),
+            async_embed_in_process=flag("MEMORY_ASYNC_EMBED_IN_PROCESS",
+                                        defaults.async_embed_in_process),
         )
 
     def __repr__(self) -> str:

@@ -50,7 +50,7 @@ def worker_threads(prefix: str = "memory-") -> list[threading.Thread]:
 def in_process_model(monkeypatch: pytest.MonkeyPatch,
                      embedder: SentenceTransformerEmbedder) -> SentenceTransformerEmbedder:
     """The test run's loaded model stays the process-wide one (no embedding child here)."""
-    monkeypatch.setenv("MEMORY_ASYNC_EMBED_PROCESS", "false")
+    monkeypatch.setenv("MEMORY_ASYNC_EMBED_IN_PROCESS", "true")
     reset_settings()
     embedder.embed_query("loaded")
     return embedder
@@ -332,7 +332,7 @@ def _environment() -> dict[str, str]:
     import os
 
     environment = dict(os.environ)
-    environment.pop("MEMORY_ASYNC_EMBED_PROCESS", None)
+    environment.pop("MEMORY_ASYNC_EMBED_IN_PROCESS", None)
     environment["MEMORY_DRIVER"] = "sqlite"
     return environment
 

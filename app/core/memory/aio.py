@@ -25,7 +25,8 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   need every driver's SQL and row handling split from its I/O (a second driver per backend, or a
   rewrite of each) and pools bound to one event loop, where this driver serves any loop. So:
   threads, also for AutoMem's HTTP (``httpx.Client`` is thread-safe and waits without the GIL).
-- **The embedding model: a child process** (``embed_process.py``, ``MEMORY_ASYNC_EMBED_PROCESS``).
+- **The embedding model: a child process** (``embed_process.py``; ``MEMORY_ASYNC_EMBED_IN_PROCESS``
+  turns it off).
   Loading it (importing torch and sentence-transformers) holds the interpreter lock in stretches
   of 0.2-0.5 s, and a thread cannot change that: with the load on a worker thread the loop woke
   up to 1.1-1.6 s late. In a child process the load and every encode run beside the loop, and
@@ -482,13 +483,13 @@ _embedder_installed = False
 
 
 def _install_process_embedder() -> None:
-    """With ``MEMORY_ASYNC_EMBED_PROCESS``, make the process-wide embedder a ``ProcessEmbedder``
-    (unless a model is loaded in this process already), once."""
+    """Make the process-wide embedder a ``ProcessEmbedder`` once (not with
+    ``MEMORY_ASYNC_EMBED_IN_PROCESS``, nor when a model is loaded in this process already)."""
     global _embedder_installed
     from config.settings import get_settings
 
     settings = get_settings()
-    if _embedder_installed or not settings.async_embed_process:
+    if _embedder_installed or settings.async_embed_in_process:
         return
     from app.core.memory.embed_process import ProcessEmbedder
     from app.core.memory.embeddings import install_default_embedder
