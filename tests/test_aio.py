@@ -292,17 +292,37 @@ def test_reembed_reports_progress_on_the_event_loop(sqlite_async: AsyncMemoryDri
 
 # -- the model stays out of the event loop's process --------------------------------------------
 
-def test_the_async_api_embeds_in_a_child_process(tmp_path: Path,
+def test_the_async_api_embeds_in_a_child_process_restarted_after_a_crash(tmp_path: Path,
                                                  embedder: SentenceTransformerEmbedder) -> None:
     from tests.conftest import migrate_sqlite
 
     path = migrate_sqlite(tmp_path / "child.sqlite3")
     program = textwrap.dedent("""
-        import asyncio, json, sys
-        from app.core.memory import get_async_memory_driver
+        import asyncio, json, os, signal, sys, threading, time
+        from app.core.memory import BackendUnavailableError, get_async_memory_driver
+
+        def kill_the_child_while_it_loads(embedder):
+            failures = []
+
+            def embed():
+                try:
+                    embedder.embed_documents(["killed before it answers"])
+                except BackendUnavailableError as exc:
+                    failures.append(str(exc))
+
+            caller = threading.Thread(target=embed)
+            caller.start()
+            while embedder.child_pid is None:
+                time.sleep(0.01)
+            os.kill(embedder.child_pid, signal.SIGKILL)
+            caller.join()
+            return failures
 
         async def main():
             memory = get_async_memory_driver()
+            failures = kill_the_child_while_it_loads(memory.driver.embedder)
+            assert failures and "ended unexpectedly" in failures[0], failures
+            # the next call starts a new child
             await memory.store_many([{"user_id": "alice", "content": text} for text in
                                      ["Is allergic to peanuts", "Prefers dark mode"]])
             hits = await asyncio.gather(*(memory.recall("alice", query=query, top_k=1)

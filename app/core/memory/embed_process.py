@@ -71,6 +71,12 @@ class ProcessEmbedder(SentenceTransformerEmbedder):
     def is_loaded(self) -> bool:
         return self._dimension is not None
 
+    @property
+    def child_pid(self) -> int | None:
+        """The child process's id while one is running (for operators and tests)."""
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
+
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
