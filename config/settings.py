@@ -53,6 +53,8 @@ class Settings:
     #: ``vector_cache_max_vectors`` vectors of the model's size.
     vector_cache_max_bytes: int = 0
     soft_delete_retention_days: float = 30.0
+    async_workers: int = 8
+    async_embed_in_process: bool = False
 
     @property
     def is_production(self) -> bool:
@@ -78,6 +80,18 @@ class Settings:
             if value < 0:
                 raise SettingsError(f"{name} must not be negative (got {raw!r})")
             return value
+
+        def flag(name: str, default: bool) -> bool:
+            raw = source.get(name, "").strip().lower()
+            if not raw:
+                return default
+            if raw in ("true", "yes", "on"):
+                return True
+            if raw in ("false", "no", "off"):
+                return False
+            if raw.isdigit():  # 1 / 0, as shell scripts write them
+                return int(raw) != 0
+            raise SettingsError(f"{name} must be true or false (got {raw!r})")
 
         return cls(
             app_env=text("APP_ENV", defaults.app_env),
@@ -126,6 +140,9 @@ class Settings:
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
                        float)
             ),
+            async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
+            async_embed_in_process=flag("MEMORY_ASYNC_EMBED_IN_PROCESS",
+                                        defaults.async_embed_in_process),
         )
 
     def __repr__(self) -> str:
