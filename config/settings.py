@@ -47,6 +47,12 @@ class Settings:
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
     soft_delete_retention_days: float = 30.0
+    # -- the service (``python -m app serve``) --
+    keys_database: str = ""
+    service_host: str = "127.0.0.1"
+    service_port: int = 8080
+    service_max_body_bytes: int = 1_048_576
+    service_graceful_timeout: float = 30.0
 
     @property
     def is_production(self) -> bool:
@@ -111,6 +117,13 @@ class Settings:
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
                        float)
             ),
+            keys_database=text("MEMORY_KEYS_DATABASE", defaults.keys_database).lower(),
+            service_host=text("MEMORY_SERVICE_HOST", defaults.service_host),
+            service_port=int(number("MEMORY_SERVICE_PORT", defaults.service_port)),
+            service_max_body_bytes=int(
+                number("MEMORY_SERVICE_MAX_BODY_BYTES", defaults.service_max_body_bytes)) or 1,
+            service_graceful_timeout=float(number("MEMORY_SERVICE_GRACEFUL_TIMEOUT",
+                                                  defaults.service_graceful_timeout, float)),
         )
 
     def __repr__(self) -> str:
