@@ -47,6 +47,7 @@ class Settings:
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
     soft_delete_retention_days: float = 30.0
+    async_workers: int = 8
     # -- the service (``python -m app serve``) --
     keys_database: str = ""
     service_host: str = "127.0.0.1"
@@ -117,6 +118,7 @@ class Settings:
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
                        float)
             ),
+            async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
             keys_database=text("MEMORY_KEYS_DATABASE", defaults.keys_database).lower(),
             service_host=text("MEMORY_SERVICE_HOST", defaults.service_host),
             service_port=int(number("MEMORY_SERVICE_PORT", defaults.service_port)),

@@ -1,43 +1,355 @@
 """The contract as coroutines: ``get_async_memory_driver`` and ``AsyncMemoryDriver``.
 
-SKELETON (issue 18 work in progress): every verb of ``BaseMemoryDriver`` runs the sync driver's
-verb on a bounded thread pool, so the event loop never blocks. The helper working on issue 18
-replaces this docstring with the layering decision and explicit signatures.
+    from app.core.memory import get_async_memory_driver
+
+    memory = get_async_memory_driver()          # cached per name, like get_memory_driver()
+    await memory.store(user_id="u123", content="Prefers dark mode")
+    hits = await memory.recall(user_id="u123", query="ui preferences", top_k=5)
+
+Every verb of ``BaseMemoryDriver`` is here as a coroutine with the same arguments, defaults,
+records and errors. An ``AsyncMemoryDriver`` wraps one sync driver (the one
+``get_memory_driver(name)`` returns) and runs its verbs on a fixed pool of worker threads
+(``MEMORY_ASYNC_WORKERS``), so database, HTTP and model work never run on the event loop and the
+SQL, the validation and the ranking exist once, in the sync drivers.
+
+Cancellation: a call that has not started on a worker yet never runs. A call that has started
+(a transaction under way) cannot be stopped half-way from outside, so it runs to its end (the
+sync driver commits or rolls back the whole batch) and the ``CancelledError`` is raised once it
+has: when a cancelled ``await`` returns, nothing more happens behind the caller's back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from app.core.memory.base import BaseMemoryDriver
+from app.core.memory.base import BaseMemoryDriver, Progress
+from app.core.memory.errors import BackendUnavailableError
 from app.core.memory.manager import MemoryDriverManager
-
-_VERBS = (
-    "recall", "recall_global_knowledge", "store", "store_global_knowledge", "delete",
-    "health_check", "get", "update", "store_many", "list_memories", "restore", "forget_user",
-    "purge", "delete_knowledge", "stats", "create_user", "get_user", "get_profile", "set_profile",
+from app.core.memory.records import (
+    HealthReport,
+    Knowledge,
+    KnowledgeDocument,
+    Memory,
+    MemoryInput,
+    MemoryPage,
+    User,
 )
+from app.core.memory.validation import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from app.core.memory.embeddings import Embedder
+    from app.core.memory.portable import PortableRecord
+    from app.core.memory.reembed import ReembedReport
+
+T = TypeVar("T")
 
 
 class AsyncMemoryDriver:
-    """Every contract verb as a coroutine over one sync driver."""
+    """Every contract verb as a coroutine over one sync driver (see the module docstring).
 
-    def __init__(self, driver: BaseMemoryDriver, *, max_workers: int = 8) -> None:
+    ``max_workers`` bounds how many calls run at once (default ``MEMORY_ASYNC_WORKERS``; for
+    ``pgvector`` never more than ``MEMORY_PG_POOL_MAX_SIZE``, so a worker never waits for a
+    pooled connection); further calls queue. ``aclose()`` (or leaving ``async with``) stops the
+    workers and closes the sync driver.
+    """
+
+    def __init__(self, driver: BaseMemoryDriver, *, max_workers: int | None = None) -> None:
         self.driver = driver
         self.name = driver.name
-        self._executor = ThreadPoolExecutor(max_workers=max_workers,
+        self.max_workers = max_workers or default_workers(driver.name)
+        self._executor = ThreadPoolExecutor(max_workers=self.max_workers,
                                             thread_name_prefix=f"memory-{driver.name}")
+        self._closed = False
+        self._close_lock = threading.Lock()
 
-    async def _call(self, verb: str, *args: Any, **kwargs: Any) -> Any:
+    # -- running a sync verb off the loop --------------------------------------------------------
+
+    async def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise BackendUnavailableError(f"this async {self.name} driver is closed")
+        future: Future[T] = self._executor.submit(functools.partial(function, *args, **kwargs))
+        waiter = asyncio.wrap_future(future)
+        try:
+            return await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            # Not started: it never will. Started: let it finish so the batch is whole (or
+            # rolled back as a whole) before the cancellation reaches the caller.
+            if not future.cancel():
+                await asyncio.wait([waiter])
+            raise
+
+    # -- the six verbs of the original design ---------------------------------------------------
+
+    async def recall(
+        self,
+        user_id: str,
+        conversation_id: str | None = None,
+        query: str | None = None,
+        top_k: int = 10,
+        use_vector: bool = True,
+        exclude_tags: list[str] | None = None,
+        *,
+        agent_id: str | None = None,
+        namespace: str | None = None,
+        tags: list[str] | None = None,
+        min_importance: float | None = None,
+    ) -> list[Memory]:
+        """``BaseMemoryDriver.recall`` off the loop."""
+        return await self._run(
+            self.driver.recall, user_id, conversation_id, query, top_k, use_vector,
+            exclude_tags, agent_id=agent_id, namespace=namespace, tags=tags,
+            min_importance=min_importance,
+        )
+
+    async def recall_global_knowledge(
+        self, query: str, top_k: int = 5, category: str | None = None
+    ) -> list[Knowledge]:
+        """``BaseMemoryDriver.recall_global_knowledge`` off the loop."""
+        return await self._run(self.driver.recall_global_knowledge, query, top_k, category)
+
+    async def store(
+        self,
+        user_id: str,
+        content: str,
+        conversation_id: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        agent_id: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        key: str | None = None,
+        importance: float = 0.5,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
+    ) -> Memory:
+        """``BaseMemoryDriver.store`` off the loop."""
+        return await self._run(
+            self.driver.store, user_id, content, conversation_id, tags, metadata,
+            agent_id=agent_id, namespace=namespace, key=key, importance=importance, ttl=ttl,
+            expires_at=expires_at,
+        )
+
+    async def store_global_knowledge(
+        self,
+        content: str,
+        category: str,
+        title: str | None = None,
+        doc_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> KnowledgeDocument:
+        """``BaseMemoryDriver.store_global_knowledge`` off the loop."""
+        return await self._run(self.driver.store_global_knowledge, content, category, title,
+                               doc_id, metadata)
+
+    async def delete(self, memory_id: str, user_id: str | None = None) -> bool:
+        """``BaseMemoryDriver.delete`` off the loop."""
+        return await self._run(self.driver.delete, memory_id, user_id)
+
+    async def health_check(self) -> HealthReport:
+        """``BaseMemoryDriver.health_check`` off the loop."""
+        return await self._run(self.driver.health_check)
+
+    # -- added verbs -------------------------------------------------------------------------
+
+    async def get(
+        self, memory_id: str, user_id: str | None = None, *, include_deleted: bool = False
+    ) -> Memory | None:
+        """``BaseMemoryDriver.get`` off the loop."""
+        return await self._run(self.driver.get, memory_id, user_id,
+                               include_deleted=include_deleted)
+
+    async def update(
+        self,
+        memory_id: str,
+        user_id: str | None = None,
+        *,
+        content: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        importance: float | None = None,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
+        clear_expiry: bool = False,
+    ) -> Memory | None:
+        """``BaseMemoryDriver.update`` off the loop."""
+        return await self._run(
+            self.driver.update, memory_id, user_id, content=content, tags=tags,
+            metadata=metadata, importance=importance, ttl=ttl, expires_at=expires_at,
+            clear_expiry=clear_expiry,
+        )
+
+    async def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
+        """``BaseMemoryDriver.store_many`` off the loop; all or nothing, also when cancelled."""
+        return await self._run(self.driver.store_many, items)
+
+    async def list_memories(
+        self,
+        user_id: str,
+        *,
+        agent_id: str | None = None,
+        conversation_id: str | None = None,
+        namespace: str | None = None,
+        tags: list[str] | None = None,
+        include_deleted: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> MemoryPage:
+        """``BaseMemoryDriver.list_memories`` off the loop."""
+        return await self._run(
+            self.driver.list_memories, user_id, agent_id=agent_id,
+            conversation_id=conversation_id, namespace=namespace, tags=tags,
+            include_deleted=include_deleted, limit=limit, cursor=cursor,
+        )
+
+    async def restore(self, memory_id: str, user_id: str | None = None) -> bool:
+        """``BaseMemoryDriver.restore`` off the loop."""
+        return await self._run(self.driver.restore, memory_id, user_id)
+
+    async def forget_user(self, user_id: str) -> int:
+        """``BaseMemoryDriver.forget_user`` off the loop."""
+        return await self._run(self.driver.forget_user, user_id)
+
+    async def purge(self, *, retention: timedelta | None = None) -> int:
+        """``BaseMemoryDriver.purge`` off the loop."""
+        return await self._run(self.driver.purge, retention=retention)
+
+    async def delete_knowledge(self, doc_id: str) -> bool:
+        """``BaseMemoryDriver.delete_knowledge`` off the loop."""
+        return await self._run(self.driver.delete_knowledge, doc_id)
+
+    async def stats(self, user_id: str | None = None) -> dict[str, Any]:
+        """``BaseMemoryDriver.stats`` off the loop."""
+        return await self._run(self.driver.stats, user_id)
+
+    async def create_user(
+        self,
+        user_id: str | None = None,
+        *,
+        display_name: str | None = None,
+        profile: dict[str, Any] | None = None,
+    ) -> User:
+        """``BaseMemoryDriver.create_user`` off the loop."""
+        return await self._run(self.driver.create_user, user_id, display_name=display_name,
+                               profile=profile)
+
+    async def get_user(self, user_id: str) -> User | None:
+        """``BaseMemoryDriver.get_user`` off the loop."""
+        return await self._run(self.driver.get_user, user_id)
+
+    async def get_profile(self, user_id: str) -> dict[str, Any]:
+        """``BaseMemoryDriver.get_profile`` off the loop."""
+        return await self._run(self.driver.get_profile, user_id)
+
+    async def set_profile(
+        self, user_id: str, profile: dict[str, Any], *, merge: bool = False
+    ) -> dict[str, Any]:
+        """``BaseMemoryDriver.set_profile`` off the loop."""
+        return await self._run(self.driver.set_profile, user_id, profile, merge=merge)
+
+    # -- optional: moving records ---------------------------------------------------------------
+
+    async def export_records(self, *, user_id: str | None = None,
+                             with_embeddings: bool = False) -> AsyncIterator[PortableRecord]:
+        """``BaseMemoryDriver.export_records`` as an async iterator.
+
+        The sync iterator runs on one worker thread for its whole life (a snapshot is a
+        transaction on one connection) and hands records over in batches; leaving the ``async
+        for`` early closes it.
+        """
         loop = asyncio.get_running_loop()
-        method = getattr(self.driver, verb)
-        return await loop.run_in_executor(self._executor, lambda: method(*args, **kwargs))
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def hand_over(kind: str, value: Any) -> None:
+            if not stop.is_set():
+                asyncio.run_coroutine_threadsafe(queue.put((kind, value)), loop).result()
+
+        def produce() -> None:
+            try:
+                records = self.driver.export_records(user_id=user_id,
+                                                     with_embeddings=with_embeddings)
+                try:
+                    batch: list[PortableRecord] = []
+                    for record in records:
+                        if stop.is_set():
+                            return
+                        batch.append(record)
+                        if len(batch) >= _EXPORT_BATCH:
+                            hand_over("records", batch)
+                            batch = []
+                    hand_over("records", batch)
+                finally:
+                    close = getattr(records, "close", None)
+                    if close is not None:
+                        close()
+                hand_over("end", None)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                hand_over("error", exc)
+
+        if self._closed:
+            raise BackendUnavailableError(f"this async {self.name} driver is closed")
+        producer = asyncio.wrap_future(self._executor.submit(produce))
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    break
+                for record in value:
+                    yield record
+        finally:
+            stop.set()
+            while not producer.done():  # unblock a producer waiting for room, then let it end
+                while not queue.empty():
+                    queue.get_nowait()
+                await asyncio.wait([producer], timeout=0.05)
+
+    async def import_records(self, records: Sequence[PortableRecord], *,
+                             vectors_from: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+        """``BaseMemoryDriver.import_records`` off the loop (one transaction)."""
+        return await self._run(self.driver.import_records, records, vectors_from=vectors_from)
+
+    async def reembed(self, embedder: Embedder | None = None, *, batch_size: int = 64,
+                      progress: Progress | None = None) -> ReembedReport:
+        """``BaseMemoryDriver.reembed`` off the loop; ``progress`` is called on the loop."""
+        loop = asyncio.get_running_loop()
+        on_loop: Progress | None = None
+        if progress is not None:
+            report = progress
+
+            def on_loop(done: int, total: int) -> None:
+                loop.call_soon_threadsafe(report, done, total)
+
+        return await self._run(self.driver.reembed, embedder, batch_size=batch_size,
+                               progress=on_loop)
+
+    # -- life cycle -------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Stop the workers (after the calls under way) and close the sync driver; idempotent.
+
+        A cached driver is also dropped from the cache (and from ``MemoryDriverManager``'s), so
+        the next ``get_async_memory_driver(name)`` opens a fresh one.
+        """
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        """``aclose`` for sync code (``MemoryDriverManager.reset_cache`` calls it); blocks
+        until the calls under way have finished."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _forget(self)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        MemoryDriverManager.discard(self.driver)
         self.driver.close()
 
     async def __aenter__(self) -> AsyncMemoryDriver:
@@ -46,27 +358,56 @@ class AsyncMemoryDriver:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-
-def _make_verb(verb: str) -> Any:
-    async def call(self: AsyncMemoryDriver, *args: Any, **kwargs: Any) -> Any:
-        return await self._call(verb, *args, **kwargs)
-
-    call.__name__ = verb
-    return call
+    def __repr__(self) -> str:
+        return f"AsyncMemoryDriver({self.name!r}, max_workers={self.max_workers})"
 
 
-for _verb in _VERBS:
-    setattr(AsyncMemoryDriver, _verb, _make_verb(_verb))
+_EXPORT_BATCH = 256
+
+
+def default_workers(driver_name: str) -> int:
+    """``MEMORY_ASYNC_WORKERS``, capped for ``pgvector`` at its connection pool's size."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    workers = settings.async_workers
+    if driver_name == "pgvector":
+        workers = min(workers, settings.pg_pool_max_size)
+    return max(1, workers)
+
 
 _lock = threading.Lock()
-_cache: dict[str, AsyncMemoryDriver] = {}
+#: id(sync driver) -> its async wrapper; the manager keeps one sync driver per name, so this is
+#: one async driver per name too.
+_cache: dict[int, AsyncMemoryDriver] = {}
 
 
 def get_async_memory_driver(name: str | None = None) -> AsyncMemoryDriver:
-    """The async driver for ``name`` (else ``MEMORY_DRIVER``), cached per name."""
+    """The async driver for ``name``, else the default (as ``get_memory_driver``), created on
+    first use over the cached sync driver, then cached; thread-safe.
+
+    ``MemoryDriverManager.reset_cache()`` closes and forgets every cached async driver too.
+    """
     driver = MemoryDriverManager.driver(name)
     with _lock:
-        cached = _cache.get(driver.name)
-        if cached is None or cached.driver is not driver:
-            cached = _cache[driver.name] = AsyncMemoryDriver(driver)
+        cached = _cache.get(id(driver))
+        if cached is None or cached.driver is not driver or cached._closed:
+            cached = _cache[id(driver)] = AsyncMemoryDriver(driver)
         return cached
+
+
+def _forget(instance: AsyncMemoryDriver) -> None:
+    with _lock:
+        if _cache.get(id(instance.driver)) is instance:
+            del _cache[id(instance.driver)]
+
+
+def _close_wrappers_of(driver: BaseMemoryDriver) -> None:
+    """``MemoryDriverManager``'s hook: a sync driver it closes takes its async wrapper along."""
+    with _lock:
+        wrappers = [cached for cached in _cache.values() if cached.driver is driver]
+    for wrapper in wrappers:
+        wrapper.close()
+
+
+MemoryDriverManager.add_close_hook(_close_wrappers_of)
