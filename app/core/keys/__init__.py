@@ -69,14 +69,14 @@ class KeyStore(ABC):
         """Release the connection(s). Idempotent."""
 
 
-def open_key_store(database: str | None = None) -> KeyStore:
-    """The key store of ``database`` (sqlite|pgvector), by default the configured one (see the
-    module docstring)."""
+def open_key_store(driver: str | None = None) -> KeyStore:
+    """The key store that goes with the memory driver ``driver`` (default: ``MEMORY_DRIVER``),
+    unless ``MEMORY_KEYS_DATABASE`` names one (see the module docstring)."""
     from config.settings import get_settings
 
     settings = get_settings()
-    chosen = (database or settings.keys_database
-              or ("pgvector" if settings.memory_driver == "pgvector" else "sqlite"))
+    driver = driver or settings.memory_driver
+    chosen = settings.keys_database or ("pgvector" if driver == "pgvector" else "sqlite")
     if chosen == "pgvector":
         from app.core.keys.postgres_key_store import PostgresKeyStore
 

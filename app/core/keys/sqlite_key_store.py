@@ -34,7 +34,7 @@ class SqliteKeyStore(KeyStore):
         self._run("INSERT INTO api_keys (id, name, user_id, is_admin, key_hash, prefix, "
                   "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   (key_id, name, user_id, int(user_id is None), key_hash, prefix, now))
-        return ApiKey(key_id, name, user_id, user_id is None, prefix, _time(now), None)
+        return ApiKey(key_id, name, user_id, user_id is None, prefix, _when(now), None)
 
     def find_active(self, key_hash: str) -> ApiKey | None:
         rows = self._run(f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = ? "
@@ -75,11 +75,10 @@ class SqliteKeyStore(KeyStore):
                 raise BackendUnavailableError(f"the key store failed: {exc}") from exc
 
 
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+def _when(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
 
 
 def _record(row: tuple[Any, ...]) -> ApiKey:
-    created = _time(row[5])
-    assert created is not None  # NOT NULL column
-    return ApiKey(row[0], row[1], row[2], bool(row[3]), row[4], created, _time(row[6]))
+    revoked = None if row[6] is None else _when(row[6])
+    return ApiKey(row[0], row[1], row[2], bool(row[3]), row[4], _when(row[5]), revoked)
