@@ -58,19 +58,28 @@ class BodyLimit:
                                      [(b"connection", b"close")])
                     return
         seen = 0
-        started = False
+        over = started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             received = await receive()
             if received["type"] == "http.request":
                 seen += len(received.get("body", b""))
                 if seen > self.max_bytes:
+                    over = True
                     raise _TooLarge
             return received
 
         async def watched_send(sent: Message) -> None:
             nonlocal started
+            if over:
+                # The app answered the interrupted read its own way (FastAPI: 400 "error parsing
+                # the body"); the caller gets the 413 instead, once.
+                if sent["type"] == "http.response.start" and not started:
+                    started = True
+                    await send_error(send, 413, "payload_too_large", message,
+                                     [(b"connection", b"close")])
+                return
             if sent["type"] == "http.response.start":
                 started = True
             await send(sent)
@@ -79,6 +88,7 @@ class BodyLimit:
             await self.app(scope, limited_receive, watched_send)
         except _TooLarge:
             if not started:
+                started = True
                 await send_error(send, 413, "payload_too_large", message,
                                  [(b"connection", b"close")])
 

@@ -97,15 +97,17 @@ class ServiceState:
     model_loaded: bool = False
 
 
-def create_app(*, driver_name: str | None = None, key_store: KeyStore | None = None,
+def create_app(*, driver_name: str | None = None, driver: AsyncMemoryDriver | None = None,
+               key_store: KeyStore | None = None,
                auth: bool = True, max_body_bytes: int | None = None,
                mcp: bool = True, host: str = "127.0.0.1") -> ASGIApp:
     """The service as an ASGI app: the FastAPI routes, ``/mcp`` (unless ``mcp=False``), the body
     limit (default ``MEMORY_SERVICE_MAX_BODY_BYTES``) and the error shield.
 
-    ``auth=False`` answers every caller as an admin (``serve --no-auth``, loopback only).
-    ``key_store`` is closed with the app. ``host`` is where it will listen (the MCP transport's
-    DNS-rebinding protection is on for loopback hosts).
+    The driver is ``get_async_memory_driver(driver_name)``, or ``driver`` when given (tests,
+    embedding applications). ``auth=False`` answers every caller as an admin (``serve
+    --no-auth``, loopback only). The driver and ``key_store`` are closed with the app. ``host``
+    is where it will listen (the MCP transport's DNS-rebinding protection is on for loopback).
     """
     from config.settings import get_settings
 
@@ -120,16 +122,16 @@ def create_app(*, driver_name: str | None = None, key_store: KeyStore | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        driver = get_async_memory_driver(driver_name)
-        state = ServiceState(driver=driver, keys=key_store, auth=auth)
+        state = ServiceState(driver=driver or get_async_memory_driver(driver_name),
+                             keys=key_store, auth=auth)
         app.state.service = state
         async with AsyncExitStack() as stack:
             stack.push_async_callback(_close, state)
-            state.model_loaded = await _warm_up(driver)
+            state.model_loaded = await _warm_up(state.driver)
             if mcp_server is not None:
                 mcp_server.attach(state)
                 await stack.enter_async_context(mcp_server.running())
-            log.info("serving the %s driver", driver.name)
+            log.info("serving the %s driver", state.driver.name)
             yield
 
     app = FastAPI(
