@@ -4,7 +4,7 @@
 ``--no-auth`` on a host that is not a loopback address, before anything heavy is loaded. It
 stops cleanly on SIGTERM or Ctrl-C: uvicorn stops accepting, lets in-flight requests finish (for
 at most ``MEMORY_SERVICE_GRACEFUL_TIMEOUT`` seconds), then the lifespan closes the driver and the
-key store.
+key store, and the process ends by the signal it was sent (exit status -15 for SIGTERM).
 
 ``keys create`` prints the new key once, on standard output (with ``--json`` inside the JSON);
 nothing else ever prints or logs a key: ``keys list`` shows ids, names and the first 8
@@ -99,14 +99,30 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.service.http_api import create_app
 
+    _log_to_stderr(args.log_level)
     app = create_app(driver_name=args.driver, key_store=store, auth=not args.no_auth,
                      host=host)
     config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
                             timeout_graceful_shutdown=round(settings.service_graceful_timeout),
                             server_header=False, lifespan="on")
     server = uvicorn.Server(config)
-    server.run()  # handles SIGTERM and SIGINT: stop accepting, finish requests, run shutdown
+    # uvicorn handles SIGTERM and SIGINT: it stops accepting, lets in-flight requests finish,
+    # runs the lifespan's shutdown (driver and key store closed), then raises the signal again,
+    # so a supervisor sees the process end by the signal it sent.
+    server.run()
     return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _log_to_stderr(level: str) -> None:
+    """The service's own log lines (never a key or memory content), formatted like uvicorn's."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+    logger = logging.getLogger("app.service")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def _mcp(args: argparse.Namespace) -> int:

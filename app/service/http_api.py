@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +56,10 @@ log = logging.getLogger("app.service")
 
 #: Seconds a client is told to wait after a 503.
 RETRY_AFTER_SECONDS = 5
+#: Threads for key-store calls.
+KEY_WORKERS = 4
+
+T = TypeVar("T")
 
 
 class NotFound(Exception):
@@ -89,12 +94,34 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @dataclass
 class ServiceState:
-    """What the routes share: the driver, the key store, whether keys are required."""
+    """What the routes share: the driver, the key store, whether keys are required.
+
+    Key-store calls run on a small pool of their own (``KEY_WORKERS`` threads, made on first use
+    and kept), so a key lookup never blocks the event loop, never waits behind memory calls, and
+    the number of threads stays fixed however many clients come and go.
+    """
 
     driver: AsyncMemoryDriver
     keys: KeyStore | None
     auth: bool
     model_loaded: bool = False
+    key_workers: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=KEY_WORKERS, thread_name_prefix="memory-keys"))
+
+    async def principal(self, authorization: str | None) -> Principal:
+        """Who sends ``authorization`` (``OPERATOR`` when the server runs without keys)."""
+        if not self.auth:
+            return OPERATOR
+        store = self.key_store()
+        return await self.on_key_worker(lambda: authenticate(store, authorization))
+
+    def key_store(self) -> KeyStore:
+        if self.keys is None:
+            raise NotSupportedError("this server runs without a key store (--no-auth)")
+        return self.keys
+
+    async def on_key_worker(self, call: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.key_workers.submit(call))
 
 
 def create_app(*, driver_name: str | None = None, driver: AsyncMemoryDriver | None = None,
@@ -172,8 +199,10 @@ async def _warm_up(driver: AsyncMemoryDriver) -> bool:
 
 async def _close(state: ServiceState) -> None:
     await state.driver.aclose()
+    state.key_workers.shutdown(wait=True)
     if state.keys is not None:
         state.keys.close()
+    log.info("stopped: the %s driver and the key store are closed", state.driver.name)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -239,16 +268,13 @@ def _validation_message(exc: RequestValidationError) -> str:
 _bearer = HTTPBearer(auto_error=False, description="An API key from `python -m app keys create`.")
 
 
-def _principal(request: Request, _: Annotated[Any, Depends(_bearer)] = None) -> Principal:
-    # A plain def: FastAPI runs it on its thread pool, so a key lookup never blocks the loop.
+async def _principal(request: Request,
+                     _: Annotated[Any, Depends(_bearer)] = None) -> Principal:
     state: ServiceState = request.app.state.service
-    if not state.auth:
-        return OPERATOR
-    assert state.keys is not None
-    return authenticate(state.keys, request.headers.get("authorization"))
+    return await state.principal(request.headers.get("authorization"))
 
 
-def _driver(request: Request) -> AsyncMemoryDriver:
+async def _driver(request: Request) -> AsyncMemoryDriver:
     return request.app.state.service.driver
 
 
@@ -417,8 +443,9 @@ def _add_routes(app: FastAPI) -> None:  # noqa: C901 - one flat list of thin rou
     @app.get("/v1/keys", response_model=s.KeyList, tags=[keys], summary="Every key (admin)")
     async def list_keys(request: Request, caller: Caller) -> Any:
         caller.require_admin("managing keys")
-        store = _key_store(request)
-        found = await _off_loop(store.list_keys)
+        state: ServiceState = request.app.state.service
+        store = state.key_store()
+        found = await state.on_key_worker(store.list_keys)
         return {"keys": [key_summary(record) for record in found]}
 
     @app.post("/v1/keys", status_code=201, response_model=s.NewKeyOut, tags=[keys],
@@ -427,29 +454,21 @@ def _add_routes(app: FastAPI) -> None:  # noqa: C901 - one flat list of thin rou
         caller.require_admin("managing keys")
         if body.admin == (body.user_id is not None):
             raise InvalidInputError("give either user_id (a user key) or admin: true")
-        store = _key_store(request)
-        record, key = await _off_loop(lambda: create_key(store, user_id=body.user_id,
-                                                         name=body.name))
+        state: ServiceState = request.app.state.service
+        store = state.key_store()
+        record, key = await state.on_key_worker(lambda: create_key(store, user_id=body.user_id,
+                                                                   name=body.name))
         return {**key_summary(record), "key": key}
 
     @app.delete("/v1/keys/{key_id}", response_model=s.Done, tags=[keys],
                 summary="Revoke a key at once (admin)")
     async def revoke_key(request: Request, key_id: str, caller: Caller) -> Any:
         caller.require_admin("managing keys")
-        store = _key_store(request)
-        _found(await _off_loop(lambda: store.revoke(key_id)))
+        state: ServiceState = request.app.state.service
+        store = state.key_store()
+        _found(await state.on_key_worker(lambda: store.revoke(key_id)))
         return {"id": key_id, "done": True}
 
-
-def _key_store(request: Request) -> KeyStore:
-    store: KeyStore | None = request.app.state.service.keys
-    if store is None:
-        raise NotSupportedError("this server runs without a key store (--no-auth)")
-    return store
-
-
-async def _off_loop(call: Callable[[], Any]) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 __all__ = ["ERRORS", "NotFound", "ServiceState", "create_app"]

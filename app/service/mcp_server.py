@@ -21,7 +21,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
@@ -35,7 +34,7 @@ from app.core.memory.aio import AsyncMemoryDriver
 from app.core.memory.errors import InvalidInputError, MemoryDriverError
 from app.service import schemas as s
 from app.service.asgi import send_error
-from app.service.keys import OPERATOR, AuthError, Principal, Unauthorized, authenticate
+from app.service.keys import AuthError, Principal, Unauthorized
 
 if TYPE_CHECKING:
     from app.service.http_api import ServiceState
@@ -278,11 +277,7 @@ class HttpMcp:
         await self._endpoint(scope, receive, send)
 
     async def _principal(self, state: ServiceState, scope: Scope) -> Principal:
-        if not state.auth:
-            return OPERATOR
-        assert state.keys is not None
-        header = _header(scope, b"authorization")
-        return await anyio.to_thread.run_sync(authenticate, state.keys, header)
+        return await state.principal(_header(scope, b"authorization"))
 
     async def _resolve(self, ctx: Context) -> tuple[AsyncMemoryDriver, str]:
         state = self._require_state()

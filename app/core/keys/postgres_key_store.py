@@ -17,10 +17,11 @@ _COLUMNS = "id, name, user_id, is_admin, prefix, created_at, revoked_at"
 
 
 class PostgresKeyStore(KeyStore):
-    """A small connection pool of its own (opened on first use), so that key lookups never wait
-    behind the memory driver's queries."""
+    """A small pool of ``size`` connections of its own (opened on first use), so that key lookups
+    never wait behind the memory driver's queries. Fixed-size: a long-running service holds the
+    same connections from start to stop."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_size: int = 4) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, size: int = 2) -> None:
         try:
             import psycopg
             from psycopg_pool import ConnectionPool, PoolTimeout
@@ -31,7 +32,7 @@ class PostgresKeyStore(KeyStore):
         self._pool_timeout: type[Exception] = PoolTimeout
         self.url = url
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=max_size, open=False, timeout=connect_timeout,
+            url, min_size=size, max_size=size, open=False, timeout=connect_timeout,
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
         )
         self._opened = False
