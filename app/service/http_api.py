@@ -243,6 +243,9 @@ def _install_error_table(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it could not read (not UTF-8, not JSON): bad input.
+            return answer(422, "invalid_input", "the body could not be read as JSON")
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return answer(exc.status_code, kind, str(exc.detail))
 
