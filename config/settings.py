@@ -48,6 +48,7 @@ class Settings:
     vector_cache_max_vectors: int = 2_000_000
     soft_delete_retention_days: float = 30.0
     async_workers: int = 8
+    async_embed_process: bool = True
     # -- the service (``python -m app serve``) --
     keys_database: str = ""
     service_host: str = "127.0.0.1"
@@ -79,6 +80,16 @@ class Settings:
             if value < 0:
                 raise SettingsError(f"{name} must not be negative (got {raw!r})")
             return value
+
+        def flag(name: str, default: bool) -> bool:
+            raw = source.get(name, "").strip().lower()
+            if not raw:
+                return default
+            if raw in ("1", "true", "yes", "on"):
+                return True
+            if raw in ("0", "false", "no", "off"):
+                return False
+            raise SettingsError(f"{name} must be true or false (got {raw!r})")
 
         return cls(
             app_env=text("APP_ENV", defaults.app_env),
@@ -119,6 +130,7 @@ class Settings:
                        float)
             ),
             async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
+            async_embed_process=flag("MEMORY_ASYNC_EMBED_PROCESS", defaults.async_embed_process),
             keys_database=text("MEMORY_KEYS_DATABASE", defaults.keys_database).lower(),
             service_host=text("MEMORY_SERVICE_HOST", defaults.service_host),
             service_port=int(number("MEMORY_SERVICE_PORT", defaults.service_port)),

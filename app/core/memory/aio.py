@@ -388,12 +388,36 @@ def get_async_memory_driver(name: str | None = None) -> AsyncMemoryDriver:
 
     ``MemoryDriverManager.reset_cache()`` closes and forgets every cached async driver too.
     """
+    _install_process_embedder()
     driver = MemoryDriverManager.driver(name)
     with _lock:
         cached = _cache.get(id(driver))
         if cached is None or cached.driver is not driver or cached._closed:
             cached = _cache[id(driver)] = AsyncMemoryDriver(driver)
         return cached
+
+
+_embedder_installed = False
+
+
+def _install_process_embedder() -> None:
+    """With ``MEMORY_ASYNC_EMBED_PROCESS``, make the process-wide embedder a ``ProcessEmbedder``
+    (unless a model is loaded in this process already), once."""
+    global _embedder_installed
+    from config.settings import get_settings
+
+    settings = get_settings()
+    if _embedder_installed or not settings.async_embed_process:
+        return
+    from app.core.memory.embed_process import ProcessEmbedder
+    from app.core.memory.embeddings import install_default_embedder
+
+    with _lock:
+        if not _embedder_installed:
+            install_default_embedder(ProcessEmbedder(
+                settings.embedding_model, batch_size=settings.embedding_batch_size,
+                query_cache_size=settings.query_cache_size))
+            _embedder_installed = True
 
 
 def _forget(instance: AsyncMemoryDriver) -> None:
