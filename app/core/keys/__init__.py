@@ -77,6 +77,10 @@ def open_key_store(driver: str | None = None) -> KeyStore:
     settings = get_settings()
     driver = driver or settings.memory_driver
     chosen = settings.keys_database or ("pgvector" if driver == "pgvector" else "sqlite")
+    if chosen not in ("sqlite", "pgvector"):
+        from app.core.memory.errors import InvalidInputError
+
+        raise InvalidInputError(f"MEMORY_KEYS_DATABASE must be sqlite or pgvector (got {chosen!r})")
     if chosen == "pgvector":
         from app.core.keys.postgres_key_store import PostgresKeyStore
 
