@@ -41,7 +41,12 @@ class KeyStore(ABC):
 
     Errors: ``SchemaNotMigratedError`` when the table is missing (it names ``python migrate.py``),
     ``BackendUnavailableError`` when the database cannot be reached.
+
+    ``lookup_is_local``: ``find_active`` is a read of a local file that never waits on the
+    network or on writers (SQLite in WAL mode), cheap enough to call on an event loop.
     """
+
+    lookup_is_local: bool = False
 
     @abstractmethod
     def add(self, *, key_id: str, key_hash: str, prefix: str, user_id: str | None,

@@ -19,6 +19,8 @@ _COLUMNS = "id, name, user_id, is_admin, prefix, created_at, revoked_at"
 class SqliteKeyStore(KeyStore):
     """One connection, used under a lock (key lookups are a single indexed read)."""
 
+    lookup_is_local = True
+
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
