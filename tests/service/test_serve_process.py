@@ -196,9 +196,14 @@ def test_load_then_sigterm(driver: str, tmp_path: Path, request: pytest.FixtureR
         assert after[1] <= before[1] + 2, f"threads grew: {before[1]} -> {after[1]}"
         print(f"{driver}: {counts} in {LOAD_SECONDS:.0f} s; fds {before[0]}->{after[0]}, "
               f"threads {before[1]}->{after[1]}")
+        wrong = "mem_" + os.urandom(16).hex()
+        refused = httpx.get(f"{served.url}/v1/memories",
+                            headers={"Authorization": f"Bearer {wrong}"})
+        assert refused.status_code == 401 and wrong not in refused.text
         _in_flight_then_sigterm(served, keys[0][1])
         log = served.log_text()
-        assert all(key not in log for _, key in keys)
+        assert all(key not in log for _, key in keys) and wrong not in log
+        assert "client 0 note" not in log  # no memory content either
     finally:
         if served.process.poll() is None:
             served.stop()
