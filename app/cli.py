@@ -1,10 +1,10 @@
 """The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
 
 Commands: store, recall, get, delete, restore, knowledge add|search|delete, health, stats,
-users create|show, demo, and the maintenance commands backup, purge, forget-user, export,
-import, copy, reembed. Output is for people by default (progress bars on stderr); ``--json``
-prints one JSON document instead. Exit status: 0 success; 1 not found, backend down, a failed
-check or records refused; 2 bad input.
+users create|show, demo, the maintenance commands backup, purge, forget-user, export,
+import, copy, reembed, and the service's serve, mcp, keys create|list|revoke. Output is for
+people by default (progress bars on stderr); ``--json`` prints one JSON document instead. Exit
+status: 0 success; 1 not found, backend down, a failed check or records refused; 2 bad input.
 """
 
 from __future__ import annotations
@@ -139,7 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(resumes an interrupted run)")
     reembed.add_argument("--model", help="default: MEMORY_EMBEDDING_MODEL")
     reembed.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
+    _add_service_commands(commands)
     return parser
+
+
+# -- the service: serve, mcp, keys (app/service/commands.py) ----------------------------------
+SERVICE_COMMANDS = ("serve", "mcp", "keys")
+
+
+def _add_service_commands(commands: Any) -> None:
+    from app.service.commands import add_commands
+
+    add_commands(commands)
+
+
+def _service(args: argparse.Namespace) -> int:
+    from app.service.commands import run
+
+    return run(args)
+# -- end of the service block -------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "copy":
             return _copy(args)
+        if args.command in SERVICE_COMMANDS:
+            return _service(args)
         driver = get_memory_driver(args.driver)
         return _dispatch(driver, args)
     except InvalidInputError as exc:

@@ -55,6 +55,12 @@ class Settings:
     soft_delete_retention_days: float = 30.0
     async_workers: int = 8
     async_embed_in_process: bool = False
+    # -- the service (``python -m app serve``) --
+    keys_database: str = ""
+    service_host: str = "127.0.0.1"
+    service_port: int = 8080
+    service_max_body_bytes: int = 1_048_576
+    service_graceful_timeout: float = 30.0
 
     @property
     def is_production(self) -> bool:
@@ -143,6 +149,13 @@ class Settings:
             async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
             async_embed_in_process=flag("MEMORY_ASYNC_EMBED_IN_PROCESS",
                                         defaults.async_embed_in_process),
+            keys_database=text("MEMORY_KEYS_DATABASE", defaults.keys_database).lower(),
+            service_host=text("MEMORY_SERVICE_HOST", defaults.service_host),
+            service_port=int(number("MEMORY_SERVICE_PORT", defaults.service_port)),
+            service_max_body_bytes=int(
+                number("MEMORY_SERVICE_MAX_BODY_BYTES", defaults.service_max_body_bytes)) or 1,
+            service_graceful_timeout=float(number("MEMORY_SERVICE_GRACEFUL_TIMEOUT",
+                                                  defaults.service_graceful_timeout, float)),
         )
 
     def __repr__(self) -> str:
