@@ -177,7 +177,8 @@ def identity_check(stored: dict[str, Any] | None, embedder: Embedder) -> dict[st
 
 
 _default_lock = threading.Lock()
-_default_embedders: dict[tuple[str, str], Embedder] = {}
+#: Keyed by model, backend and the settings an embedder is built with.
+_default_embedders: dict[tuple[str, str, str, int, int, int], Embedder] = {}
 
 
 def get_default_embedder(model_name: str | None = None, *,
@@ -185,7 +186,8 @@ def get_default_embedder(model_name: str | None = None, *,
     """The process-wide embedder for ``model_name`` (default: ``MEMORY_EMBEDDING_MODEL``) on
     ``backend`` (default: ``MEMORY_EMBEDDING_BACKEND``; see the module docstring).
 
-    One instance per model and backend, so every driver in the process shares one loaded model.
+    One instance per model, backend and settings, so every driver in the process shares one
+    loaded model.
     Choosing the onnx backend for a model that is not prepared succeeds; the first embedding then
     raises ``MissingDependencyError`` naming ``python -m app models prepare``.
     """
@@ -194,8 +196,10 @@ def get_default_embedder(model_name: str | None = None, *,
     settings = get_settings()
     name = model_name or settings.embedding_model
     chosen = resolve_backend(name, backend or settings.embedding_backend)
+    key = (name, chosen, settings.model_dir, settings.embedding_threads,
+           settings.embedding_batch_size, settings.query_cache_size)
     with _default_lock:
-        embedder = _default_embedders.get((name, chosen))
+        embedder = _default_embedders.get(key)
         if embedder is None:
             if chosen == "onnx":
                 from app.core.memory.onnx_embedder import OnnxEmbedder
@@ -208,7 +212,7 @@ def get_default_embedder(model_name: str | None = None, *,
                 embedder = SentenceTransformerEmbedder(
                     name, batch_size=settings.embedding_batch_size,
                     query_cache_size=settings.query_cache_size)
-            _default_embedders[(name, chosen)] = embedder
+            _default_embedders[key] = embedder
         return embedder
 
 
