@@ -36,7 +36,7 @@ import numpy as np
 from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.embeddings import get_default_embedder
 from bench.backends import open_backend
-from bench.workload import BenchEmbedder, base_sentences, make_corpus
+from bench.workload import BASE_TEXTS, BenchEmbedder, base_sentences, make_corpus
 
 QUERIES, RECALLS, STORE_MANY_TEXTS, COLD_MEMORIES = 50, 30, 256, 100
 COLD_QUERY = "what did the coach recommend?"
@@ -57,7 +57,8 @@ def compare(backends: Sequence[str], rounds: int, memories: int) -> dict[str, An
     with tempfile.TemporaryDirectory() as folder, open_backend("sqlite") as small:
         _fill(small.driver, COLD_MEMORIES)
         # The corpus's base vectors, made once (both backends give the same vectors).
-        np.save(Path(folder) / "base.npy", get_default_embedder().embed_documents(base_sentences()))
+        np.save(Path(folder) / "base.npy", get_default_embedder().embed_documents(
+            base_sentences(min(BASE_TEXTS, memories))))
         for round_number in range(rounds):
             order = list(backends) if round_number % 2 == 0 else list(reversed(backends))
             for name in order:

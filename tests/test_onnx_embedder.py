@@ -210,3 +210,15 @@ def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
     assert onnx._loaded().session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(SettingsError, match="MEMORY_EMBEDDING_BACKEND must be one of"):
         Settings.from_env({"MEMORY_EMBEDDING_BACKEND": "cuda"})
+
+
+def test_bench_embedding_backends_prints_its_table(prepared_folder: Path):
+    # One backend, one round, a tiny corpus: the figures' plumbing, not their values.
+    env = dict(os.environ, MEMORY_MODEL_DIR=str(prepared_folder.parent))
+    done = subprocess.run([sys.executable, "-m", "bench.embedding_backends", "--backends", "onnx",
+                           "--rounds", "1", "--memories", "200"], env=env, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 6 and all(" ms |" in row or " s |" in row or " MB |" in row
+                                  or " texts/s |" in row for row in rows)
