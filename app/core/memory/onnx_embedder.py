@@ -115,6 +115,10 @@ class _LoadedModel:
         self.normalize = bool(manifest["normalize"])
         if self.pooling not in POOLING_MODES:
             raise damaged(model_name, folder, f"unknown pooling {self.pooling!r}")
+        # Batches here are small enough to tokenize on one thread, and a process that forks after
+        # tokenizers used its thread pool (servers with workers, multiprocessing) would print a
+        # warning and could deadlock.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             import onnxruntime
             from tokenizers import Tokenizer
