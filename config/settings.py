@@ -48,7 +48,7 @@ class Settings:
     automem_backoff_seconds: float = 0.5
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_backend: str = "auto"
-    embedding_threads: int = 0
+    embedding_threads: int = 1
     model_dir: str = ""
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024

@@ -199,7 +199,7 @@ def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
     assert isinstance(get_default_embedder(), OnnxEmbedder)  # auto, now prepared
     assert isinstance(get_default_embedder(backend="torch"), SentenceTransformerEmbedder)
     monkeypatch.setenv("MEMORY_EMBEDDING_BACKEND", "torch")
-    monkeypatch.setenv("MEMORY_EMBEDDING_THREADS", "1")
+    monkeypatch.setenv("MEMORY_EMBEDDING_THREADS", "2")
     reset_settings()
     assert isinstance(get_default_embedder(), SentenceTransformerEmbedder)
     monkeypatch.setenv("MEMORY_EMBEDDING_BACKEND", "ONNX")
@@ -207,7 +207,7 @@ def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
     onnx = get_default_embedder()
     assert isinstance(onnx, OnnxEmbedder)
     onnx.embed_query("threads")
-    assert onnx._loaded().session.get_session_options().intra_op_num_threads == 1
+    assert onnx._loaded().session.get_session_options().intra_op_num_threads == 2
     with pytest.raises(SettingsError, match="MEMORY_EMBEDDING_BACKEND must be one of"):
         Settings.from_env({"MEMORY_EMBEDDING_BACKEND": "cuda"})
 

@@ -16,8 +16,8 @@ A model folder (one per model, under ``MEMORY_MODEL_DIR``, by default
 Loading checks the files' sizes and embeds the check sentence: a missing, truncated or otherwise
 damaged folder, or a tokenizer that no longer tokenizes as it did, is a ``MissingDependencyError``
 naming the command that makes it again, never wrong vectors. The session runs with
-``MEMORY_EMBEDDING_THREADS`` intra-op threads (0: one per core) that sleep rather than spin
-between calls, so that a recall's vector scan right after an embedding gets the cores.
+``MEMORY_EMBEDDING_THREADS`` intra-op threads (default 1; 0: one per core), which sleep rather
+than spin between calls so that a recall's vector scan right after an embedding gets the cores.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class OnnxEmbedder:
     backend = "onnx"
 
     def __init__(self, model_name: str = DEFAULT_MODEL, *, folder: Path | None = None,
-                 batch_size: int = 64, threads: int = 0, query_cache_size: int = 1_024) -> None:
+                 batch_size: int = 64, threads: int = 1, query_cache_size: int = 1_024) -> None:
         self._model_name = model_name
         self._folder = folder or model_folder(model_name)
         self._batch_size = max(1, batch_size)
