@@ -187,9 +187,8 @@ def get_default_embedder(model_name: str | None = None, *,
     ``backend`` (default: ``MEMORY_EMBEDDING_BACKEND``; see the module docstring).
 
     One instance per model, backend and settings, so every driver in the process shares one
-    loaded model.
-    Choosing the onnx backend for a model that is not prepared succeeds; the first embedding then
-    raises ``MissingDependencyError`` naming ``python -m app models prepare``.
+    loaded model. Choosing the onnx backend for a model that is not prepared succeeds; the first
+    embedding then raises ``MissingDependencyError`` naming ``python -m app models prepare``.
     """
     from config.settings import get_settings
 
