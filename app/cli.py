@@ -430,7 +430,11 @@ def _models(args: argparse.Namespace) -> int:
     """``models prepare``: the ONNX folder of the model, made or found intact (idempotent)."""
     from app.core.memory.onnx_export import prepare
 
-    report = prepare(args.model or get_settings().embedding_model, force=args.force)
+    try:
+        report = prepare(args.model or get_settings().embedding_model, force=args.force)
+    except OSError as exc:  # the model folder cannot be written (permissions, a file in the way)
+        print(f"error: cannot write the model folder: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     verb = "prepared" if report.action == "made" else "already prepared"
     return _emit(args, asdict(report), lambda: (
         f"{verb}: {report.model} in {report.folder} (model.onnx {report.model_bytes / 1e6:.1f} "

@@ -192,6 +192,17 @@ def test_models_prepare_command_keeps_an_intact_folder(copied_folder: Path,
     assert err.startswith("error: ") and "Traceback" not in err
 
 
+def test_models_prepare_into_an_unwritable_place_is_an_error_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MEMORY_MODEL_DIR", str(blocker / "models"))
+    reset_settings()
+    assert main(["models", "prepare"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the model folder") and "Traceback" not in err
+
+
 def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
         own_model_dir: Path, prepared_folder: Path, monkeypatch: pytest.MonkeyPatch):
     assert isinstance(get_default_embedder(), SentenceTransformerEmbedder)  # auto, none here
