@@ -25,6 +25,7 @@ from app.core.memory.embeddings import (
     DEFAULT_MODEL,
     SentenceTransformerEmbedder,
     get_default_embedder,
+    model_source,
 )
 from app.core.memory.errors import MissingDependencyError
 from app.core.memory.onnx_embedder import MODEL_FILE, OnnxEmbedder, model_folder
@@ -201,6 +202,21 @@ def test_models_prepare_into_an_unwritable_place_is_an_error_not_a_traceback(
     assert main(["models", "prepare"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write the model folder") and "Traceback" not in err
+
+
+def test_a_model_folder_that_cannot_be_exported_is_an_error_not_a_traceback(
+        own_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    source = Path(model_source(DEFAULT_MODEL))
+    broken = tmp_path / "broken-model"  # the package's layout, but no weights and no config
+    broken.mkdir()
+    for name in ("modules.json", "sentence_bert_config.json", "tokenizer.json"):
+        shutil.copyfile(source / name, broken / name)
+    shutil.copytree(source / "1_Pooling", broken / "1_Pooling")
+    (broken / "config.json").write_text("{}")
+    assert main(["models", "prepare", "--model", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "could not be exported" in err
+    assert "Traceback" not in err and not model_folder(str(broken)).exists()
 
 
 def test_backend_follows_settings_and_auto_prefers_a_prepared_model(

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from app.core.memory.embeddings import model_source, offline_environment, quiet_model_loading
-from app.core.memory.errors import MissingDependencyError, NotSupportedError
+from app.core.memory.errors import MemoryDriverError, MissingDependencyError, NotSupportedError
 from app.core.memory.onnx_embedder import (
     CHECK_COSINE,
     FORMAT,
@@ -88,7 +88,13 @@ def prepare(model_name: str, *, force: bool = False) -> PrepareReport:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _export(source, staging / MODEL_FILE, pipeline["max_seq_length"])
+        try:
+            _export(source, staging / MODEL_FILE, pipeline["max_seq_length"])
+        except MemoryDriverError:
+            raise
+        except Exception as exc:  # transformers and the exporter raise many kinds of errors
+            raise NotSupportedError(f"{model_name} could not be exported to ONNX ({exc}); it "
+                                    "stays usable with MEMORY_EMBEDDING_BACKEND=torch") from exc
         shutil.copyfile(source / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         reference = _torch_vectors(source, list(VERIFY_TEXTS))
         manifest: dict[str, Any] = {
