@@ -1,10 +1,13 @@
 # The project's entry points. `make demo` and `make test` are the README's quick start.
 PY := .venv/bin/python
 
-.PHONY: install demo install-dev test lint bench-perf bench-retrieval
+.PHONY: install models demo install-dev test lint bench-perf bench-retrieval
 
-install:  ## the package and the embedding model, into .venv
+install:  ## the package (torch CPU build) into .venv, and the ONNX embedding model prepared
 	scripts/install.sh
+
+models:  ## (re)prepare the ONNX embedding model only (python -m app models prepare)
+	$(PY) -m app models prepare
 
 demo: install  ## install, migrate the SQLite file, store and recall with the real model
 	$(PY) migrate.py
@@ -21,7 +24,7 @@ lint: install-dev  ## ruff and mypy
 	$(PY) -m ruff check app config database tests bench migrate.py
 	$(PY) -m mypy app config bench migrate.py
 
-bench-perf: install-dev  ## speed and memory of every driver against its baselines (~20 min)
+bench-perf: install-dev  ## speed and memory of every driver and embedding backend (~30 min)
 	$(PY) -m bench.perf
 
 bench-retrieval:  ## retrieval quality on LoCoMo (needs ../shared/bench/locomo-dev.json)

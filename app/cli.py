@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     reembed.add_argument("--model", help="default: MEMORY_EMBEDDING_MODEL")
     reembed.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
     _add_service_commands(commands)
+    _add_models_command(commands)
     return parser
 
 
@@ -167,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _copy(args)
         if args.command in SERVICE_COMMANDS:
             return _service(args)
+        if args.command == "models":
+            return _models(args)
         driver = get_memory_driver(args.driver)
         return _dispatch(driver, args)
     except InvalidInputError as exc:
@@ -431,6 +434,30 @@ def _demo(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         print(f"\nrecall({DEMO_USER!r}, query={query!r}, top_k=2):")
         print(_memory_lines(memories))
     return EXIT_OK
+
+
+def _add_models_command(commands: Any) -> None:
+    models = commands.add_parser("models", help="embedding model files").add_subparsers(
+        dest="models_command", required=True)
+    prepare = models.add_parser("prepare", help="export the model to ONNX once, from the "
+                                                "packaged weights (for MEMORY_EMBEDDING_BACKEND)")
+    prepare.add_argument("--model", help="default: MEMORY_EMBEDDING_MODEL")
+    prepare.add_argument("--force", action="store_true", help="export again even if prepared")
+
+
+def _models(args: argparse.Namespace) -> int:
+    """``models prepare``: the ONNX folder of the model, made or found intact (idempotent)."""
+    from app.core.memory.onnx_export import prepare
+
+    try:
+        report = prepare(args.model or get_settings().embedding_model, force=args.force)
+    except OSError as exc:  # the model folder cannot be written (permissions, a file in the way)
+        print(f"error: cannot write the model folder: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    verb = "prepared" if report.action == "made" else "already prepared"
+    return _emit(args, asdict(report), lambda: (
+        f"{verb}: {report.model} in {report.folder} (model.onnx {report.model_bytes / 1e6:.1f} "
+        f"MB, cosine to torch >= {report.min_cosine_to_torch:.5f}, {report.seconds:.1f} s)"))
 
 
 def _add_scope_options(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,9 @@ What is measured, per driver, each in a process of its own (so that its peak RSS
   through the model).
 - ``exact``: the share of queries whose top 10, ranked by cosine alone, is the exact top 10.
 
+Then the embedding backends side by side (``bench.embedding_backends``: onnx and torch, each in new
+processes, interleaved; ``--backends ""`` skips it).
+
 Output: a markdown table (printed, and written with a JSON file of every figure to
 ``bench/results/``). AutoMem runs against the test double (``tests/automem_double.py``): its
 figures are the driver's own overhead (HTTP, JSON, retries), not the service's speed.
@@ -50,6 +53,7 @@ from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.embeddings import get_default_embedder
 from app.core.memory.ranking import FusionWeights
+from bench import embedding_backends
 from bench.backends import DRIVERS, open_backend
 from bench.workload import BenchEmbedder, Corpus, base_sentences, make_corpus
 
@@ -73,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true",
                         help="pgvector's many-users run at 100 x 10k = 1M memories")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--backends", default="onnx,torch",
+                        help="embedding backends to compare (empty: none)")
+    parser.add_argument("--backend-rounds", type=int, default=3)
+    parser.add_argument("--backend-memories", type=int, default=10_000)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -87,7 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.drivers.split(","):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         report["drivers"][name] = run_child(name, argv or sys.argv[1:])
+    if args.backends:
+        print("measuring the embedding backends ...", file=sys.stderr, flush=True)
+        report["embedding_backends"] = embedding_backends.compare(
+            args.backends.split(","), args.backend_rounds, args.backend_memories)
     report["markdown"] = render(report)
+    if "embedding_backends" in report:
+        report["markdown"] += "\n\n" + report["embedding_backends"]["markdown"]
     print(report["markdown"])
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -249,6 +263,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "embedding_backend": getattr(get_default_embedder(), "backend", "?"),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "numpy": np.__version__, "platform": platform.platform()}
 
@@ -257,7 +272,8 @@ def render(report: dict[str, Any]) -> str:
     """The report as a markdown table, with the date, the machine and the baselines."""
     m = report["machine"]
     lines = [f"Measured {report['date'][:10]} on {m['cpu']}, {m['cores']} cores, Python "
-             f"{m['python']}, torch {m['torch']} (CPU, {m['torch_threads']} threads). "
+             f"{m['python']}, torch {m['torch']} (CPU, {m['torch_threads']} threads), embedding "
+             f"backend {m.get('embedding_backend', 'torch')}. "
              f"torch loaded by import + default driver + health check: "
              f"{'yes' if report['torch_after_import'] else 'no'}.", ""]
     for name, result in report["drivers"].items():

@@ -1,6 +1,7 @@
 """Retrieval quality on LoCoMo: the driver's recall against BM25 and dense-only baselines.
 
     python -m bench.retrieval [--data PATH] [--driver sqlite|pgvector] [--output DIR] [--sweep]
+                              [--backends onnx,torch]
 
 Protocol (``shared/bench/README.md``): one user per conversation, every turn one memory with
 content ``"Speaker: text"`` and metadata (dia_id, session, session date, speaker); each question is
@@ -9,7 +10,10 @@ question category and overall: recall@1/5/10/25 (share of the evidence in the to
 NDCG@10; categories 1-4 are the headline, 5 (adversarial) is reported apart; results belonging to
 another user are counted (must be 0). Baselines, on the same texts in the same run: BM25
 (rank_bm25's BM25Okapi over lower-cased words) and dense-only exact cosine with the same model.
-The data set is for benchmarking only (CC BY-NC 4.0) and is never copied into the project.
+Each embedding backend of ``--backends`` (default: onnx and torch) runs the whole protocol on a
+database of its own; its systems are labelled with its name, and the report gives the min and mean
+cosine between the backends' vectors of every turn. The data set is for benchmarking only
+(CC BY-NC 4.0) and is never copied into the project.
 """
 
 from __future__ import annotations
@@ -89,43 +93,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--sweep", action="store_true",
                         help="also rank with each fusion weighting of SWEEP (the tuning run)")
+    parser.add_argument("--backends", default="onnx,torch",
+                        help="embedding backends, each measured on its own database")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         print(f"error: no data at {args.data} (pass --data)", file=sys.stderr)
         return 2
     conversations = load(args.data)
-    embedder = get_default_embedder()
-    from rank_bm25 import BM25Okapi
-
     totals: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     foreign = 0
     started = time.perf_counter()
-    with open_backend(args.driver) as backend:
-        driver = backend.driver()
-        variants = {f"recall, weights {w.vector}/{w.keyword}/{w.importance}":
-                    backend.driver(weights=w) for w in (SWEEP if args.sweep else ())}
-        try:
-            for conversation in conversations:
-                user, turns = conversation["user"], conversation["turns"]
-                stored = driver.store_many([{"user_id": user, "content": content, "metadata": meta}
-                                            for _, content, meta in turns])
-                dia_of = {memory["id"]: dia_id for memory, (dia_id, _, _) in zip(stored, turns,
-                                                                                   strict=True)}
-                systems = _systems(driver, user, turns, embedder, BM25Okapi)
-                systems.update({label: _recall_ids(variant, user)
-                                for label, variant in variants.items()})
-                for question in conversation["questions"]:
-                    for system, run in systems.items():
-                        ranked = run(question["question"])
-                        if system.startswith("recall"):
-                            foreign += sum(1 for memory_id in ranked if memory_id not in dia_of)
-                            ranked = [dia_of[m] for m in ranked if m in dia_of]
-                        totals[system][question["category"]].append(
-                            scores(ranked, question["evidence"]))
-        finally:
-            for opened in (driver, *variants.values()):
-                opened.close()
+    names = args.backends.split(",")
+    vectors: dict[str, list[np.ndarray]] = {}
+    for name in names:
+        print(f"embedding backend {name} ...", file=sys.stderr, flush=True)
+        embedder = get_default_embedder(backend=name)
+        label = f"{name}: " if len(names) > 1 else ""
+        foreign += _run(args, conversations, embedder, label, totals,
+                        vectors.setdefault(name, []))
     report = _report(totals, foreign, args, time.perf_counter() - started)
+    if len(vectors) == 2:
+        first, second = (np.vstack(v) for v in vectors.values())
+        cosines = np.sum(first * second, axis=1)
+        report["backend_cosine"] = {"min": float(cosines.min()), "mean": float(cosines.mean())}
+        report["markdown"] += (f"\n\nCosine between the {' and '.join(vectors)} vectors of "
+                               f"{len(cosines)} turns: min {cosines.min():.6f}, mean "
+                               f"{cosines.mean():.6f}.")
+        report["markdown"] += "\n\n" + _backend_deltas(report["table"], names)
     print(report["markdown"])
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -135,14 +129,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace, conversations: list[dict[str, Any]], embedder: Any,
+         label: str, totals: dict[str, dict[int, list[dict[str, float]]]],
+         turn_vectors: list[np.ndarray]) -> int:
+    """The protocol with one embedder on a new database: adds to ``totals`` under systems
+    prefixed by ``label`` and to ``turn_vectors``; returns the count of another user's results."""
+    from rank_bm25 import BM25Okapi
+
+    foreign = 0
+    with open_backend(args.driver) as backend:
+        driver = backend.driver(embedder)
+        variants = {f"recall, weights {w.vector}/{w.keyword}/{w.importance}":
+                    backend.driver(embedder, weights=w) for w in (SWEEP if args.sweep else ())}
+        try:
+            for conversation in conversations:
+                user, turns = conversation["user"], conversation["turns"]
+                stored = driver.store_many([{"user_id": user, "content": content, "metadata": meta}
+                                            for _, content, meta in turns])
+                dia_of = {memory["id"]: dia_id for memory, (dia_id, _, _) in zip(stored, turns,
+                                                                                   strict=True)}
+                systems = _systems(driver, user, turns, embedder, BM25Okapi, turn_vectors)
+                systems.update({label: _recall_ids(variant, user)
+                                for label, variant in variants.items()})
+                for question in conversation["questions"]:
+                    for system, run in systems.items():
+                        ranked = run(question["question"])
+                        if system.startswith("recall"):  # memory ids, not dia_ids
+                            foreign += sum(1 for memory_id in ranked if memory_id not in dia_of)
+                            ranked = [dia_of[m] for m in ranked if m in dia_of]
+                        totals[label + system][question["category"]].append(
+                            scores(ranked, question["evidence"]))
+        finally:
+            for opened in (driver, *variants.values()):
+                opened.close()
+    return foreign
+
+
 def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, Any]],
-             embedder: Any, bm25_class: Any) -> dict[str, Callable[[str], list[str]]]:
+             embedder: Any, bm25_class: Any,
+             turn_vectors: list[np.ndarray]) -> dict[str, Callable[[str], list[str]]]:
     """The ranked lists under comparison for one conversation: memory ids for the driver's
     recalls, dia_ids for the baselines."""
     texts = [content for _, content, _ in turns]
     dia_ids = [dia_id for dia_id, _, _ in turns]
     bm25 = bm25_class([WORDS.findall(text.lower()) for text in texts])
     matrix = embedder.embed_documents(texts)
+    turn_vectors.append(matrix)
 
     def best(values: np.ndarray) -> list[str]:
         return [dia_ids[i] for i in np.argsort(-values, kind="stable")[:25]]
@@ -154,6 +186,18 @@ def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, An
         "BM25 baseline": lambda q: best(bm25.get_scores(WORDS.findall(q.lower()))),
         "dense baseline": lambda q: best(matrix @ embedder.embed_query(q)),
     }
+
+
+def _backend_deltas(table: dict[str, dict[str, dict[str, float]]], names: list[str]) -> str:
+    """Headline (categories 1-4) recall@10 and MRR of the second backend minus the first's."""
+    first, second = names
+    lines = [f"| system (1-4) | recall@10 {second} - {first} | MRR {second} - {first} |",
+             "|---|---:|---:|"]
+    for system in ("recall (hybrid)", "dense baseline"):
+        a, b = table[f"{first}: {system}"]["1-4"], table[f"{second}: {system}"]["1-4"]
+        lines.append(f"| {system} | {b['recall@10'] - a['recall@10']:+.4f} | "
+                     f"{b['mrr'] - a['mrr']:+.4f} |")
+    return "\n".join(lines)
 
 
 def _recall_ids(driver: BaseMemoryDriver, user: str) -> Callable[[str], list[str]]:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 _lock = threading.Lock()
 _cached: Settings | None = None
+
+#: ``MEMORY_EMBEDDING_BACKEND``: ``auto`` is onnx once the model is prepared, else torch.
+EMBEDDING_BACKENDS = ("auto", "onnx", "torch")
 
 
 class SettingsError(ValueError):
@@ -46,6 +50,9 @@ class Settings:
     automem_batch_size: int = 100
     automem_content_soft_limit: int = 500
     embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_backend: str = "auto"
+    embedding_threads: int = 1
+    model_dir: str = ""
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
@@ -132,6 +139,11 @@ class Settings:
             automem_content_soft_limit=int(number("AUTOMEM_CONTENT_SOFT_LIMIT",
                                                   defaults.automem_content_soft_limit)) or 500,
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
+            embedding_backend=_choice(source, "MEMORY_EMBEDDING_BACKEND", EMBEDDING_BACKENDS,
+                                      defaults.embedding_backend),
+            embedding_threads=int(
+                number("MEMORY_EMBEDDING_THREADS", defaults.embedding_threads)),
+            model_dir=text("MEMORY_MODEL_DIR", defaults.model_dir),
             embedding_batch_size=int(
                 number("MEMORY_EMBEDDING_BATCH_SIZE", defaults.embedding_batch_size)
             ) or 1,
@@ -164,6 +176,13 @@ class Settings:
             f"Settings(app_env={self.app_env!r}, memory_driver={self.memory_driver!r}, "
             f"sqlite_path={self.sqlite_path!r}, embedding_model={self.embedding_model!r})"
         )
+
+
+def _choice(source: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = source.get(name, "").strip().lower() or default
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+    return value
 
 
 def get_settings() -> Settings:

@@ -15,6 +15,7 @@ def test_bench_perf_runs_and_its_vector_ranking_is_exact(tmp_path: Path):
     done = subprocess.run(
         [sys.executable, "-m", "bench.perf", "--drivers", "sqlite,automem", "--sizes", "300",
          "--automem-sizes", "100", "--users", "3", "--per-user", "100", "--queries", "10",
+         "--backends", "",
          "--output", str(tmp_path)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
     )

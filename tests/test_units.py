@@ -148,5 +148,8 @@ def test_every_variable_of_env_example_is_a_setting() -> None:
     assert "MEMORY_DRIVER" in names and "DATABASE_URL" in names
     defaults = Settings.from_env({})
     for name in names:
-        changed = Settings.from_env({name: "7"})
+        try:
+            changed = Settings.from_env({name: "7"})
+        except SettingsError:
+            continue  # a variable of fixed choices refused "7": it is read
         assert changed != defaults, f"{name} in .env.example is not read by Settings"

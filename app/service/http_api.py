@@ -196,7 +196,7 @@ async def _warm_up(driver: AsyncMemoryDriver) -> bool:
             log.error("the embedding model did not load (%s); /health reports it",
                       type(exc).__name__)
             return False
-        return bool(embedder.is_loaded)
+        return bool(getattr(embedder, "is_loaded", True))
 
     return await asyncio.get_running_loop().run_in_executor(None, load)
 

@@ -492,13 +492,15 @@ def _install_process_embedder() -> None:
     if _embedder_installed or settings.async_embed_in_process:
         return
     from app.core.memory.embed_process import ProcessEmbedder
-    from app.core.memory.embeddings import install_default_embedder
+    from app.core.memory.embeddings import install_default_embedder, resolve_backend
 
     with _lock:
         if not _embedder_installed:
+            backend = resolve_backend(settings.embedding_model, settings.embedding_backend)
             install_default_embedder(ProcessEmbedder(
-                settings.embedding_model, batch_size=settings.embedding_batch_size,
-                query_cache_size=settings.query_cache_size))
+                settings.embedding_model, backend=backend,
+                batch_size=settings.embedding_batch_size,
+                query_cache_size=settings.query_cache_size), backend=backend)
             _embedder_installed = True
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core.memory.embeddings import SentenceTransformerEmbedder
+from app.core.memory.embeddings import SentenceTransformerEmbedder, build_embedder
 from app.core.memory.errors import BackendUnavailableError, MemoryDriverError
 
 #: Most texts one batch gathers from waiting callers (a store_many sends its own texts whole).
@@ -45,15 +45,20 @@ class _Request:
 
 
 class ProcessEmbedder(SentenceTransformerEmbedder):
-    """A ``SentenceTransformerEmbedder`` whose model runs in a child process (thread-safe).
+    """An embedder whose model runs in a child process, on the configured backend (thread-safe).
+
+    It reuses ``SentenceTransformerEmbedder``'s batching and query cache; the child builds the
+    real embedder with ``embeddings.build_embedder``.
 
     Same model, same vectors, same query cache; ``is_loaded`` tells whether the child has the
     model up. ``close()`` ends the child (a later call starts a new one).
     """
 
-    def __init__(self, model_name: str, *, batch_size: int = 64,
+    def __init__(self, model_name: str, *, backend: str, batch_size: int = 64,
                  query_cache_size: int = 1_024) -> None:
         super().__init__(model_name, batch_size=batch_size, query_cache_size=query_cache_size)
+        #: The backend the child runs (``onnx`` or ``torch``), shown by health checks.
+        self.backend = backend
         self._dimension: int | None = None
         self._condition = threading.Condition()
         self._pending: list[_Request] = []
@@ -155,7 +160,7 @@ class ProcessEmbedder(SentenceTransformerEmbedder):
             try:
                 self._child = subprocess.Popen(
                     [sys.executable, "-m", "app.core.memory.embed_process",
-                     str(child_end.fileno()), self.model_name, str(self._batch_size)],
+                     str(child_end.fileno()), self.model_name, self.backend],
                     pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, env=_child_environment(),
                 )
@@ -191,11 +196,13 @@ def _child_environment() -> dict[str, str]:
     return environment
 
 
-def serve(fd: int, model_name: str, batch_size: int) -> None:
-    """The child's loop: texts in, vectors (or the exception) out, until the socket closes."""
+def serve(fd: int, model_name: str, backend: str) -> None:
+    """The child's loop: texts in, vectors (or the exception) out, until the socket closes.
+
+    The model runs on ``backend`` with the settings the child inherits from the parent's
+    environment (batch size, threads), so the onnx backend keeps torch out of the child too."""
     connection = Connection(fd)
-    embedder = SentenceTransformerEmbedder(model_name, batch_size=batch_size,
-                                           query_cache_size=0)
+    embedder = build_embedder(model_name, backend, query_cache_size=0)
     while True:
         try:
             texts = connection.recv()
@@ -215,4 +222,4 @@ def serve(fd: int, model_name: str, batch_size: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3])

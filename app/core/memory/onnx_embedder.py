@@ -1,0 +1,248 @@
+"""The ONNX Runtime embedder: a prepared model folder, tokenized with ``tokenizers``, run by
+``onnxruntime``, pooled and normalised in numpy. Neither torch nor sentence-transformers is
+imported.
+
+A model folder (one per model, under ``MEMORY_MODEL_DIR``, by default
+``$XDG_CACHE_HOME/agent-memory-layer/models``) is made once by ``python -m app models prepare``
+(``onnx_export.py``) from the packaged weights, and holds:
+
+- ``model.onnx``: the transformer, inputs ``input_ids``, ``attention_mask``, ``token_type_ids``
+  (int64, batch x tokens), output the last hidden state (batch x tokens x dimension);
+- ``tokenizer.json``: the model package's own tokenizer file, copied;
+- ``manifest.json``: what the model's sentence-transformers configuration says about the rest
+  (maximum tokens, pooling, normalisation, dimension), each file's size and SHA-256, and a check
+  sentence with the vector torch gave it.
+
+Loading checks the files' sizes and embeds the check sentence: a missing, truncated or otherwise
+damaged folder, or a tokenizer that no longer tokenizes as it did, is a ``MissingDependencyError``
+naming the command that makes it again, never wrong vectors. The session runs with
+``MEMORY_EMBEDDING_THREADS`` intra-op threads (default 1; 0: one per core), which sleep rather
+than spin between calls so that a recall's vector scan right after an embedding gets the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core.memory.embeddings import DEFAULT_MODEL, PACKAGED_MODELS, QueryVectorCache
+from app.core.memory.errors import MissingDependencyError
+
+#: Bumped whenever the folder's layout or the export changes; an older folder is re-made.
+FORMAT = 1
+MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = "model.onnx", "tokenizer.json", "manifest.json"
+PREPARE_COMMAND = "python -m app models prepare"
+#: A loaded model must give the check sentence (at least) this cosine to torch's vector.
+CHECK_COSINE = 0.9999
+POOLING_MODES = ("mean", "cls", "max")
+
+
+class OnnxEmbedder:
+    """An ``Embedder`` over a prepared ONNX model folder, loaded lazily and thread-safely."""
+
+    backend = "onnx"
+
+    def __init__(self, model_name: str = DEFAULT_MODEL, *, folder: Path | None = None,
+                 batch_size: int = 64, threads: int = 1, query_cache_size: int = 1_024) -> None:
+        self._model_name = model_name
+        self._folder = folder or model_folder(model_name)
+        self._batch_size = max(1, batch_size)
+        self._threads = max(0, threads)
+        self._loaded_model: _LoadedModel | None = None
+        self._load_lock = threading.Lock()
+        self._query_cache = QueryVectorCache(query_cache_size)
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
+    @property
+    def dimension(self) -> int:
+        return self._loaded().dimension
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded_model is not None
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._loaded()
+        if not texts:
+            return np.zeros((0, model.dimension), dtype=np.float32)
+        return model.embed(list(texts), self._batch_size)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        cached = self._query_cache.get(text)
+        if cached is not None:
+            return cached
+        vector = self.embed_documents([text])[0]
+        vector.setflags(write=False)
+        self._query_cache.put(text, vector)
+        return vector
+
+    def _loaded(self) -> _LoadedModel:
+        if self._loaded_model is None:
+            with self._load_lock:
+                if self._loaded_model is None:
+                    self._loaded_model = _LoadedModel(self._model_name, self._folder,
+                                                      self._threads)
+        return self._loaded_model
+
+
+class _LoadedModel:
+    """The tokenizer, the session and the manifest of one model folder, checked on load."""
+
+    def __init__(self, model_name: str, folder: Path, threads: int) -> None:
+        manifest = read_manifest(model_name, folder)
+        for name, expected in manifest["files"].items():
+            path = folder / name
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected["bytes"]:
+                raise damaged(model_name, folder, f"{name} has {size} bytes, the manifest says "
+                                                  f"{expected['bytes']}")
+        self.dimension = int(manifest["dimension"])
+        self.pooling = str(manifest["pooling"])
+        self.normalize = bool(manifest["normalize"])
+        if self.pooling not in POOLING_MODES:
+            raise damaged(model_name, folder, f"unknown pooling {self.pooling!r}")
+        # Batches here are small enough to tokenize on one thread, and a process that forks after
+        # tokenizers used its thread pool (servers with workers, multiprocessing) would print a
+        # warning and could deadlock.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            import onnxruntime
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "The onnx embedding backend needs onnxruntime and tokenizers: "
+                "pip install onnxruntime tokenizers (or set MEMORY_EMBEDDING_BACKEND=torch)"
+            ) from exc
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # Idle workers otherwise spin for a while after every call and take the cores from
+            # the vector scan (or the database) that follows an embedding.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.log_severity_level = 3
+            self.session = onnxruntime.InferenceSession(
+                str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime and tokenizers raise their own, untyped errors
+            raise damaged(model_name, folder, f"it does not load ({exc})") from exc
+        # The file's own padding and truncation are replaced by the sentence-transformers
+        # configuration: pad each batch to its longest text, cut at max_seq_length tokens.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(int(manifest["max_seq_length"]))
+        self.inputs = {item.name for item in self.session.get_inputs()}
+        check = manifest["check"]
+        got = self.embed([check["text"]], 1)[0]
+        expected_vector = np.asarray(check["vector"], dtype=np.float32)
+        cosine = float(got @ expected_vector / (np.linalg.norm(got) *
+                                                np.linalg.norm(expected_vector) or 1.0))
+        if not cosine >= CHECK_COSINE:
+            raise damaged(model_name, folder, f"its check sentence has cosine {cosine:.4f} to "
+                                              "the vector torch gave it")
+
+    def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Vectors of ``texts`` in order, encoded shortest first so that batches pad little."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        order = np.argsort([len(encoding.ids) for encoding in encodings], kind="stable")
+        result = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            result[rows] = self._run([encodings[i] for i in rows])
+        return result
+
+    def _run(self, encodings: list[Any]) -> np.ndarray:
+        width = max(len(encoding.ids) for encoding in encodings)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)
+        for row, encoding in enumerate(encodings):
+            length = len(encoding.ids)
+            ids[row, :length] = encoding.ids
+            mask[row, :length] = 1
+            types[row, :length] = encoding.type_ids
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+        vectors = _pool(np.asarray(hidden, dtype=np.float32), mask, self.pooling)
+        if self.normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
+
+
+def _pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """One vector per row of ``hidden``, over its real (unpadded) tokens, as the model's
+    sentence-transformers ``Pooling`` module computes it."""
+    if mode == "cls":
+        return np.ascontiguousarray(hidden[:, 0, :])
+    weights = mask[:, :, None].astype(np.float32)
+    if mode == "max":
+        return np.where(weights > 0, hidden, -1e9).max(axis=1)
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+def model_dir() -> Path:
+    """Where model folders live: ``MEMORY_MODEL_DIR``, else the user's cache folder."""
+    from config.settings import get_settings
+
+    configured = get_settings().model_dir
+    if configured:
+        return Path(configured).expanduser().resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "agent-memory-layer" / "models"
+
+
+def model_folder(model_name: str) -> Path:
+    """The folder of ``model_name``'s ONNX files (which may not exist yet)."""
+    if model_name in PACKAGED_MODELS:
+        return model_dir() / DEFAULT_MODEL
+    import hashlib
+
+    # Any other name is a local path or a hub name: a readable part plus a hash that keeps two
+    # models whose readable parts agree apart.
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("._")[-60:] or "model"
+    digest = hashlib.sha256(model_name.encode()).hexdigest()[:10]
+    return model_dir() / f"{readable}-{digest}"
+
+
+def is_prepared(model_name: str) -> bool:
+    """Whether ``model_name`` has a model folder with a manifest (its files are checked on load)."""
+    return (model_folder(model_name) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(model_name: str, folder: Path) -> dict[str, Any]:
+    """The folder's manifest; ``MissingDependencyError`` if it is missing, unreadable or old."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise MissingDependencyError(
+            f"The ONNX model for {model_name} is not prepared (no {path}): run "
+            f"`{PREPARE_COMMAND}`, or set MEMORY_EMBEDDING_BACKEND=torch")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest["format"] != FORMAT:
+            raise damaged(model_name, folder, f"it was made in format {manifest['format']}, "
+                                              f"this version reads {FORMAT}")
+        for key in ("files", "dimension", "pooling", "normalize", "max_seq_length", "check"):
+            manifest[key]  # noqa: B018 - a KeyError here means a damaged manifest
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged(model_name, folder, f"its manifest is unreadable ({exc!r})") from exc
+    return dict(manifest)
+
+
+def damaged(model_name: str, folder: Path, why: str) -> MissingDependencyError:
+    """The error for a model folder that exists but cannot be used."""
+    return MissingDependencyError(
+        f"The ONNX model for {model_name} in {folder} is damaged: {why}. Make it again with "
+        f"`{PREPARE_COMMAND}`, or set MEMORY_EMBEDDING_BACKEND=torch")
