@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -151,6 +153,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             ) from exc
         if pool is None and not url:
             raise InvalidInputError("url must be a PostgreSQL URL (or pass pool=)")
+        _register_vector_dumper()
         self.url = redact_url(url or "")
         self.pool_timeout = pool_timeout
         self._pool = pool or ConnectionPool(
@@ -168,6 +171,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self._closed = False
         self._schema_checked = False
         self._identity_checked = False
+        self._lexeme_stats: dict[str, _LexemeStats] = {}
 
     @classmethod
     def from_settings(cls) -> PgvectorDriver:
@@ -210,34 +214,36 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text) if text is not None and use_vector else None
         now = _utcnow()
         scope, params = _memory_scope(filters, now)
+        touch = {"now": now}
         with self._connection() as conn:
             if text is None:
-                conn.execute("SET LOCAL synchronous_commit = off")  # see _candidate_rows
-                rows = conn.execute(
-                    f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
-                    "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s",
-                    {**params, "limit": top_k},
-                ).fetchall()
-                ranked = [(row[0], 1.0) for row in rows]
-            else:
-                rows = self._candidate_rows(conn, _MEMORIES, scope, params, text, query_vector,
-                                            top_k)
-                ranked = ranking.rank_candidates(_candidates(rows), top_k, self._weights,
+                # The newest first: one statement picks, counts the access and returns them.
+                with conn.pipeline():
+                    conn.execute("SET LOCAL synchronous_commit = off")  # see _ACCESS_WRITE
+                    rows = conn.execute(
+                        f"{_ACCESS_WRITE} pk IN (SELECT m.pk FROM memories m WHERE {scope} "
+                        "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s) "
+                        f"RETURNING {_MEMORY_COLUMNS}", {**params, **touch, "limit": top_k},
+                    ).fetchall()
+                    conn.commit()
+                rows.sort(key=lambda row: (row[15], row[0]), reverse=True)
+                return [{**_memory_from_row(row), "score": 1.0} for row in rows]
+            with conn.pipeline():
+                candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,
+                                                  query_vector, top_k)
+                ranked = ranking.rank_candidates(candidates, top_k, self._weights,
                                                  use_vector=query_vector is not None)
-            by_pk = {row[0]: row for row in rows}
-            memories = []
-            for pk, score in ranked:
-                memory = _memory_from_row(by_pk[pk])
-                memory["score"] = round(score, 6)
-                memories.append(memory)
-            if memories:
-                conn.execute(
-                    "UPDATE memories SET access_count = access_count + 1, last_accessed_at = %s "
-                    "WHERE pk = ANY(%s)", (now, [pk for pk, _ in ranked]))
-        for memory in memories:
-            memory["access_count"] += 1
-            memory["last_accessed_at"] = now
-        return memories
+                if not ranked:
+                    return []
+                rows = conn.execute(
+                    f"{_ACCESS_WRITE} pk = ANY(%(pks)s) AND deleted_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > %(now)s) "
+                    f"RETURNING {_MEMORY_COLUMNS}", {**touch, "pks": [pk for pk, _ in ranked]},
+                ).fetchall()
+                conn.commit()
+        by_pk = {row[0]: row for row in rows}
+        return [{**_memory_from_row(by_pk[pk]), "score": round(score, 6)}
+                for pk, score in ranked if pk in by_pk]
 
     @_translate_errors
     def recall_global_knowledge(
@@ -249,12 +255,15 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text)
         scope, params = ("d.category = %(category)s", {"category": category}) if category else (
             "TRUE", {})
-        with self._connection() as conn:
-            rows = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text, query_vector,
-                                        top_k)
+        with self._connection() as conn, conn.pipeline():
+            candidates = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text,
+                                              query_vector, top_k)
+            ranked = ranking.rank_candidates(candidates, top_k, self._weights)
+            rows = conn.execute(
+                f"SELECT {_KNOWLEDGE.columns} FROM {_KNOWLEDGE.source} WHERE m.pk = ANY(%s)",
+                ([pk for pk, _ in ranked],)).fetchall() if ranked else []
         by_pk = {row[0]: row for row in rows}
-        return [_knowledge_from_row(by_pk[pk], score)
-                for pk, score in ranking.rank_candidates(_candidates(rows), top_k, self._weights)]
+        return [_knowledge_from_row(by_pk[pk], score) for pk, score in ranked if pk in by_pk]
 
     @_translate_errors
     def store(
@@ -314,7 +323,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 cursor.executemany(
                     "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
                     "VALUES (%s, %s, %s, %s::vector)",
-                    [(document[0], index, chunk, _vector_literal(vector))
+                    [(document[0], index, chunk, _vector_param(vector))
                      for index, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True))],
                 )
         return _document_from_row(document[1:])
@@ -394,7 +403,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             ("metadata", None if changes.metadata is None else _jsonb(changes.metadata), ""),
             ("importance", changes.importance, ""),
             ("expires_at", changes.expires_at, ""),
-            ("embedding", None if vector is None else _vector_literal(vector), "::vector"),
+            ("embedding", None if vector is None else _vector_param(vector), "::vector"),
         ):
             if value is not None:
                 assignments.append(f"{column} = %({column})s{cast}")
@@ -718,52 +727,49 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
 
     def _candidate_rows(self, conn: Any, corpus: _Corpus, scope: str, params: dict[str, Any],
                         text: str, query_vector: np.ndarray | None,
-                        top_k: int) -> list[tuple[Any, ...]]:
-        """Every candidate's columns, then (importance, recency, cosine, keyword coverage)."""
-        values = {**params, "text": text, "depth": ranking.candidate_depth(top_k),
-                  "exact_max": self._exact_scan_max_rows}
-        parts = [
-            "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes, "
-            "NULLIF(replace(plainto_tsquery('english', %(text)s)::text, '&', '|'), '')::tsquery "
-            "AS tsq)",
-            f"keyword AS (SELECT m.pk FROM {corpus.source}, q WHERE q.tsq IS NOT NULL "
-            f"AND m.content_tsv @@ q.tsq AND {scope} "
-            "ORDER BY ts_rank_cd(m.content_tsv, q.tsq) DESC LIMIT %(depth)s)",
-        ]
-        union = "SELECT pk FROM keyword"
-        cosine = "0.0"
-        if query_vector is not None:
-            values["vector"] = _vector_literal(query_vector)
-            parts += [
-                # Sized by every row of the user (any state): an index-only count, where
-                # counting the visible ones would visit each row's page.
-                f"small AS (SELECT COUNT(*) <= %(exact_max)s AS exact FROM (SELECT 1 FROM "
-                f"{corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
-                # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
-                f"exact AS (SELECT m.pk FROM {corpus.source} WHERE (SELECT exact FROM small) "
-                f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 "
-                "LIMIT %(depth)s)",
-                f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE NOT (SELECT exact FROM small) "
-                f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
-            ]
-            union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
-            cosine = "1 - (m.embedding <=> %(vector)s::vector)"
-        sql = (
-            f"WITH {', '.join(parts)}, candidates AS ({union}) "
-            f"SELECT {corpus.columns}, {corpus.importance}::float8, "
-            f"EXTRACT(EPOCH FROM {corpus.recency})::float8, "
-            f"{cosine}, CASE WHEN m.pk IN (SELECT pk FROM keyword) THEN "
-            "(SELECT COUNT(*) FROM unnest(tsvector_to_array(m.content_tsv)) AS lexeme "
-            "WHERE lexeme = ANY(q.lexemes))::float8 / GREATEST(1, cardinality(q.lexemes)) "
-            f"ELSE 0.0 END FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q"
-        )
-        # All three last until the end of the caller's transaction. Access counts, the only
-        # write a recall makes, are bookkeeping: not worth waiting for a WAL flush on every read.
-        conn.execute("SET LOCAL synchronous_commit = off; "
-                     "SET LOCAL hnsw.iterative_scan = strict_order; "
-                     f"SET LOCAL hnsw.ef_search = {max(40, int(values['depth']))}")
-        rows: list[tuple[Any, ...]] = conn.execute(sql, values).fetchall()
-        return rows
+                        top_k: int) -> dict[int, ranking.Candidate]:
+        """Every candidate's (importance, recency, cosine, keyword coverage), by pk."""
+        sql, values, settings = self._recall_statement(conn, corpus, scope, params, text,
+                                                       query_vector, top_k)
+        conn.execute(_SETTINGS, settings)
+        return {row[0]: ranking.Candidate(*row)
+                for row in conn.execute(sql, values).fetchall()}
+
+    def _recall_statement(self, conn: Any, corpus: _Corpus, scope: str,
+                          params: dict[str, Any], text: str, query_vector: np.ndarray | None,
+                          top_k: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        frequent = self._frequent_lexemes(conn, corpus)
+        return _candidate_query(corpus, scope, params, text, query_vector, top_k,
+                                self._exact_scan_max_rows, frequent)
+
+    def _frequent_lexemes(self, conn: Any, corpus: _Corpus) -> _LexemeStats:
+        """The planner's estimate of the corpus's frequent words (cached ``_STATS_TTL`` s)."""
+        cached = self._lexeme_stats.get(corpus.table)
+        if cached is not None and time.monotonic() - cached.fetched_at < _STATS_TTL:
+            return cached
+        row = conn.execute(
+            "SELECT c.reltuples::float8, s.most_common_elems::text::text[], "
+            "s.most_common_elem_freqs FROM pg_class c LEFT JOIN pg_stats s "
+            "ON s.schemaname = current_schema() AND s.tablename = %(table)s "
+            "AND s.attname = 'content_tsv' WHERE c.oid = to_regclass(%(table)s)",
+            {"table": corpus.table}).fetchone()
+        rows, lexemes, shares = row or (0.0, None, None)
+        stats = _LexemeStats(time.monotonic(), max(0.0, rows or 0.0), [], [])
+        for lexeme, share in zip(lexemes or [], shares or [], strict=False):
+            if share * stats.rows > KEYWORD_MATCH_BUDGET:  # only these can ever be skipped
+                stats.lexemes.append(lexeme)
+                stats.shares.append(float(share))
+        self._lexeme_stats[corpus.table] = stats
+        return stats
+
+    def explain_recall(self, user_id: str, text: str, query_vector: np.ndarray | None,
+                       top_k: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """The statement, parameters and settings (``set_config`` values) of a hybrid recall
+        of ``user_id`` (for ``bench.pgvector_recall --explain``; not part of the contract)."""
+        scope, params = _memory_scope(prepare_filters(user_id), _utcnow())
+        with self._connection() as conn:
+            return self._recall_statement(conn, _MEMORIES, scope, params, text, query_vector,
+                                          top_k)
 
 
 # -- module helpers -------------------------------------------------------------------------
@@ -775,22 +781,114 @@ _BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
 class _Corpus:
     """What differs between searching memories and knowledge chunks (constant SQL only).
 
-    ``population`` is the FROM clause whose size picks exact search or the index.
+    ``population`` is the FROM clause whose size picks exact search or the index; ``table``
+    the table whose ``content_tsv`` statistics say which words are frequent.
     """
 
-    def __init__(self, source: str, population: str, columns: str, importance: str,
-                 recency: str) -> None:
-        self.source, self.population, self.columns = source, population, columns
-        self.importance, self.recency = importance, recency
+    def __init__(self, table: str, source: str, population: str, columns: str,
+                 importance: str, recency: str) -> None:
+        self.table, self.source, self.population = table, source, population
+        self.columns, self.importance, self.recency = columns, importance, recency
 
 
-_MEMORIES = _Corpus("memories m", "memories WHERE user_id = %(user_id)s", _MEMORY_COLUMNS,
-                    "m.importance", "m.created_at")
+_MEMORIES = _Corpus("memories", "memories m", "memories WHERE user_id = %(user_id)s",
+                    _MEMORY_COLUMNS, "m.importance", "m.created_at")
 _KNOWLEDGE = _Corpus(
-    "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk", "knowledge_chunks",
+    "knowledge_chunks", "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
+    "knowledge_chunks",
     "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
     "0.5", "d.updated_at",
 )
+
+
+@dataclass
+class _LexemeStats:
+    """A table's size and its words found in more than ``KEYWORD_MATCH_BUDGET`` rows, with the
+    share of rows holding each (``pg_stats.most_common_elems`` of ``content_tsv``)."""
+
+    fetched_at: float
+    rows: float
+    lexemes: list[str]
+    shares: list[float]
+
+
+#: The recall statement's settings, as one statement (the pipeline cannot send several); see
+#: the module docstring for each.
+_SETTINGS = ("SELECT set_config('synchronous_commit', 'off', true), "
+             "set_config('hnsw.iterative_scan', 'strict_order', true), "
+             "set_config('hnsw.ef_search', %(ef_search)s, true), "
+             "set_config('max_parallel_workers_per_gather', '0', true), "
+             "set_config('jit', 'off', true)")
+#: The access-count write of recall; the WHERE clause follows. Bookkeeping: its transaction
+#: commits with ``synchronous_commit`` off, not waiting for a WAL flush on every read.
+_ACCESS_WRITE = ("UPDATE memories m SET access_count = m.access_count + 1, "
+                 "last_accessed_at = %(now)s WHERE ")
+#: A query word is searched for (its rows become keyword candidates) only while the rows it
+#: is estimated to match in the scope stay within this budget; see the module docstring.
+KEYWORD_MATCH_BUDGET = 200
+#: How long a driver reuses a table's word statistics (they change only when it is analysed).
+_STATS_TTL = 60.0
+#: The share of the query's words (``q.lexemes``) that row ``m`` holds.
+_COVERAGE = ("(length(m.content_tsv) - length(ts_delete(m.content_tsv, q.lexemes)))::float8 "
+             "/ GREATEST(1, cardinality(q.lexemes))")
+#: ``lexeme`` as a tsquery operand: quoted, with quotes and backslashes escaped.
+_QUOTED_LEXEME = (r"'''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || ''''")
+
+
+def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: str,
+                     query_vector: np.ndarray | None, top_k: int, exact_max: int,
+                     frequent: _LexemeStats) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The candidate statement, its parameters, and the values of ``_SETTINGS``.
+
+    Its rows: (pk, importance, recency, cosine, keyword coverage) of every candidate.
+    """
+    depth = ranking.candidate_depth(top_k)
+    values = {**params, "text": text, "depth": depth, "exact_max": exact_max,
+              "budget": KEYWORD_MATCH_BUDGET, "table_rows": frequent.rows,
+              "frequent": frequent.lexemes, "shares": frequent.shares}
+    parts = [
+        "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes)",
+        # The scope's size, counted up to exact_max + 1 from an index alone (every row of the
+        # user, in any state: counting only the visible ones would visit each row's page).
+        f"sized AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM {corpus.population} "
+        "LIMIT %(exact_max)s + 1) AS scoped)",
+        # Each query word's estimated matches in the scope: its share of the table's rows
+        # times the scope's rows (the table's, when the count stopped at its cap).
+        "words AS (SELECT w.lexeme, COALESCE(f.share, 0) * (SELECT CASE WHEN n <= "
+        "%(exact_max)s THEN n ELSE GREATEST(n, %(table_rows)s) END FROM sized) AS matches "
+        "FROM q, unnest(q.lexemes) AS w (lexeme) "
+        "LEFT JOIN unnest(%(frequent)s::text[], %(shares)s::float8[]) AS f (lexeme, share) "
+        "ON f.lexeme = w.lexeme)",
+        # Searched: the words within the budget, or the rarest one if none is.
+        f"tsq AS (SELECT string_agg({_QUOTED_LEXEME}, ' | ')::tsquery AS tsq FROM "
+        "(SELECT lexeme FROM words WHERE matches <= %(budget)s UNION (SELECT lexeme "
+        "FROM words ORDER BY matches, lexeme LIMIT 1)) AS searched)",
+        f"keyword AS (SELECT m.pk FROM {corpus.source}, q, tsq WHERE m.content_tsv @@ tsq.tsq "
+        f"AND {scope} ORDER BY {_COVERAGE} DESC, {corpus.recency} DESC, m.pk DESC "
+        "LIMIT %(depth)s)",
+    ]
+    union = "SELECT pk FROM keyword"
+    cosine = "0.0::float8"
+    if query_vector is not None:
+        values["vector"] = _vector_param(query_vector)
+        parts += [
+            # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
+            f"exact AS (SELECT m.pk FROM {corpus.source} WHERE "
+            "(SELECT n <= %(exact_max)s FROM sized) "
+            f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 LIMIT %(depth)s)",
+            f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE "
+            "(SELECT n > %(exact_max)s FROM sized) "
+            f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
+        ]
+        union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
+        cosine = "1 - (m.embedding <=> %(vector)s::vector)"
+    sql = (
+        f"WITH {', '.join(parts)}, candidates AS ({union}) "
+        f"SELECT m.pk, {corpus.importance}::float8, "
+        f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {_COVERAGE} "
+        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q"
+    )
+    return sql, values, {"ef_search": str(max(40, depth))}
 
 
 def _memory_scope(filters: RecallFilters, now: datetime, *,
@@ -818,16 +916,10 @@ def _memory_scope(filters: RecallFilters, now: datetime, *,
     return " AND ".join(clauses), params
 
 
-def _candidates(rows: list[tuple[Any, ...]]) -> dict[int, ranking.Candidate]:
-    """``_candidate_rows``' rows as ranking candidates (their last four columns)."""
-    return {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2], row[-1])
-            for row in rows}
-
-
 def _upsert_params(draft: MemoryDraft, vector: np.ndarray, now: datetime) -> tuple[Any, ...]:
     return (uuid.uuid4().hex, draft.user_id, draft.agent_id, draft.conversation_id,
             draft.namespace, draft.key, draft.content, draft.tags, _jsonb(draft.metadata),
-            draft.importance, draft.expires_at, now, now, _vector_literal(vector))
+            draft.importance, draft.expires_at, now, now, _vector_param(vector))
 
 
 def _migration_check(conn: Any) -> dict[str, Any]:
@@ -858,6 +950,50 @@ def _memory_counts(conn: Any, user_id: str | None, now: datetime) -> dict[str, i
         {"n": now, "u": user_id},
     ).fetchone()
     return {"visible": visible, "deleted": deleted, "expired": expired}
+
+
+class _BinaryVector:
+    """A vector parameter in pgvector's binary format (what ``vector_recv`` reads: dimension and
+    a zero as big-endian int16, then big-endian float32 values).
+
+    Formatting 384 floats as text costs ~1 ms in Python (and parsing them again on the server),
+    which made the literal most of ``store_many``'s database time; this costs microseconds and
+    is exact. It needs no type registration: sent with no type, the parameter takes the type of
+    its ``::vector`` cast, which every statement that passes one has.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, vector: np.ndarray) -> None:
+        values = np.asarray(vector, dtype=">f4").ravel()
+        self.payload = struct.pack(">HH", values.size, 0) + values.tobytes()
+
+
+_dumper_registered = False
+
+
+def _register_vector_dumper() -> None:
+    """Teach psycopg (process-wide, for ``_BinaryVector`` only) to send it in binary."""
+    global _dumper_registered
+    if _dumper_registered:
+        return
+    import psycopg
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    class VectorDumper(Dumper):
+        format = Format.BINARY
+
+        def dump(self, obj: Any) -> bytes:
+            payload: bytes = obj.payload
+            return payload
+
+    psycopg.adapters.register_dumper(_BinaryVector, VectorDumper)
+    _dumper_registered = True
+
+
+def _vector_param(vector: np.ndarray) -> _BinaryVector:
+    return _BinaryVector(vector)
 
 
 def _vector_literal(vector: np.ndarray) -> str:
