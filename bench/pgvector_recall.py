@@ -260,3 +260,43 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the columns bench.perf adds for pgvector ---------------------------------------------------
+
+def baseline_figures(url: str, corpus: Corpus, users: list[str], ids: list[str]) -> dict[str, Any]:
+    """The bare HNSW query over the table ``bench.perf`` just measured the driver on (memory i is
+    ``ids[i]``, of user ``i % len(users)``): its p50/p95 and its exact share, per query."""
+    stage = len(ids)
+    count = len(corpus.query_texts)
+    times, exact = [], 0
+    with baseline_connection(url) as conn:
+        for user in sorted({users[q % len(users)] for q in range(count)}):
+            hnsw_baseline(conn, user, corpus.query_vectors[0])
+        for q in range(count):
+            owner, vector = users[q % len(users)], corpus.query_vectors[q]
+            times.append(1000 * _timed(partial(hnsw_baseline, conn, owner, vector)))
+            own = np.arange(users.index(owner), stage, len(users))
+            scores = corpus.vectors[own] @ vector
+            expected = {ids[int(own[i])] for i in np.argsort(-scores, kind="stable")[:TOP_K]}
+            exact += set(hnsw_baseline(conn, owner, vector)) == expected
+    return {"hnsw_ms": _percentiles(times), "hnsw_exact_share": exact / count}
+
+
+def render_baseline(report: dict[str, Any]) -> list[str]:
+    """``bench.perf``'s lines comparing the pgvector driver's recall with the bare HNSW query."""
+    runs = [run for run in report["drivers"].get("pgvector", {}).get("runs", [])
+            if "hnsw_ms" in run]
+    if not runs:
+        return []
+    lines = ["", "PGVector hybrid recall (without the query embedding) against a bare HNSW "
+             "`ORDER BY embedding <=> $1 LIMIT 10` over the same user's rows, same table "
+             "(see bench/pgvector_recall.py):", "",
+             "| scenario | memories | recall p50 ms | bare HNSW p50 ms | x HNSW | "
+             "top-10 exact: recall / HNSW |", "|---|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        recall, hnsw = run["recall_ms"]["p50"], run["hnsw_ms"]["p50"]
+        lines.append(f"| {run['scenario']} | {run['memories']:,} | {recall:.2f} | {hnsw:.2f} | "
+                     f"{recall / hnsw:.2f} | {100 * run['exact_share']:.0f}% / "
+                     f"{100 * run['hnsw_exact_share']:.0f}% |")
+    return lines

@@ -9,17 +9,49 @@ How it works:
   checks its connection, so after a server restart or killed backends the next call gets a fresh
   one; a call that fails on the way raises ``BackendUnavailableError``, and so does a pool with
   no free connection after ``MEMORY_PG_POOL_TIMEOUT`` seconds, instead of hanging.
-- Vectors are sent as pgvector's text literal (``'[0.1, ...]'::vector``), which needs no type
-  registration on the connection (so a pool opened before ``migrate`` keeps working after it).
-- Recall fetches its candidates in one query: the nearest vectors within the user's scope, the
-  best keyword matches (generated ``tsvector``, english configuration, any query word may match),
-  with each candidate's cosine and keyword coverage (the share of the query's words it holds), and
-  ``ranking.py`` fuses them as for SQLite. Nearest vectors are exact: a scope of at most
-  ``exact_scan_max_rows`` rows (the usual case: one user's memories) is scanned and sorted; a
-  larger one uses the HNSW index with pgvector 0.8's iterative scan (``hnsw.iterative_scan =
-  strict_order``), so filtering by user cannot leave the result short.
+- Vectors are sent in pgvector's binary format (``_BinaryVector``): no type registration is
+  needed (the statement's ``::vector`` cast types the parameter, so a pool opened before
+  ``migrate`` keeps working after it), and nothing is formatted as text. The text literal it
+  replaced cost ~1-2 ms per 384-d vector in Python alone: most of ``store_many``'s database
+  side, and of a recall's.
 - ``store_many`` is one transaction, pipelined ``INSERT ... ON CONFLICT`` (upsert by key) with
   the embeddings computed in batches before it starts.
+
+Recall, and why it is built this way (profiled with ``python -m bench.pgvector_recall
+--explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
+- Two round trips, in psycopg's pipeline mode: (1) the settings below and one statement that
+  returns every candidate's pk, importance, recency, cosine and keyword coverage (no content:
+  converting 100 full rows cost more than ranking them); ``ranking.py`` fuses them, as for
+  SQLite; (2) one ``UPDATE ... RETURNING`` that counts the access of the top k and returns
+  their rows, with the commit. The statements' text is constant per filter combination, so
+  psycopg prepares them after a few calls and PostgreSQL stops re-planning them (planning this
+  statement cost 0.6-9 ms).
+- Settings, local to the transaction: no parallel workers and no JIT (the planner gave the
+  never-run exact branch a parallel plan at 100k rows, and starting its workers alone cost
+  ~20 ms); ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL
+  flush per read); ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12) and pgvector
+  0.8's ``hnsw.iterative_scan = strict_order``, so filtering by user cannot leave the result
+  short.
+- Exact or index: the scope is counted from an index alone, up to ``exact_scan_max_rows`` + 1
+  rows. A scope within it (the usual case: one user's memories in a shared table) is scanned
+  and sorted exactly; a larger one goes through the HNSW index, whose graph the 2026_11_29
+  migration made denser (m 32, ef_construction 128): at ef_search 50 its top 10 is the exact
+  top 10 for 98% of the benchmark's queries on 100k memories, against 92% with pgvector's
+  defaults, which no ef_search up to 160 fixed.
+- Keyword candidates: rows holding a *searched* query word, best keyword coverage first (the
+  score the fusion uses; ts_rank_cd, which it replaced, cost ~10 us a row and ranked by
+  something else), ties to the newest. A word is searched while the rows it is estimated to
+  match in the scope (its share of the table's rows, from ``pg_stats``' most common elements of
+  ``content_tsv``, cached per driver for a minute, times the scope's size) stay within
+  ``KEYWORD_MATCH_BUDGET`` (200); if no word is, the rarest one is. A frequent word still counts
+  in every candidate's coverage: it just does not pull in candidates of its own. Reading the
+  pages of every row that holds a word in 5% of 100k memories took 10-40 ms, when the whole
+  recall's budget is a few. Which words are frequent follows the planner's statistics, so it
+  can change after an ``ANALYZE``, and only on tables large enough for a word to pass the budget
+  (below 30,000 rows ``ANALYZE`` reads every row, and its statistics are exact).
+- Keyword coverage is computed for every candidate, vector ones included (ranking.py's rule),
+  as ``length(tsv) - length(ts_delete(tsv, query words))``, instead of unnesting each row's
+  lexemes.
 """
 
 from __future__ import annotations
@@ -886,7 +918,8 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: 
         f"WITH {', '.join(parts)}, candidates AS ({union}) "
         f"SELECT m.pk, {corpus.importance}::float8, "
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {_COVERAGE} "
-        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q"
+        # Ordered so that ranking's ties (same score, same time) go to the larger pk.
+        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q ORDER BY m.pk DESC"
     )
     return sql, values, {"ef_search": str(max(40, depth))}
 
