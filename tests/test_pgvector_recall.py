@@ -14,7 +14,13 @@ import psycopg
 import pytest
 
 from app.core.memory.drivers.pgvector_driver import KEYWORD_MATCH_BUDGET, PgvectorDriver
-from app.core.memory.ranking import DEFAULT_WEIGHTS, candidate_depth
+from app.core.memory.ranking import (
+    DEFAULT_WEIGHTS,
+    Candidate,
+    FusionWeights,
+    candidate_depth,
+    rank_candidates,
+)
 from tests.word_hash_embedder import WordHashEmbedder
 
 
@@ -83,3 +89,30 @@ def test_recall_sends_no_vector_as_text(driver: PgvectorDriver, empty_pg: str):
     np.testing.assert_array_equal(saved, WordHashEmbedder().embed_query("exact vectors please"))
     found = driver.recall("u", query="exact vectors please", top_k=1)
     assert found[0]["id"] == stored["id"]
+
+
+def test_the_recall_statement_ranks_as_ranking_py(driver: PgvectorDriver, empty_pg: str):
+    """The statement fuses and orders in SQL; its top k and scores must be those that
+    ``ranking.rank_candidates`` gives for the same candidates (both weightings, and keyword
+    only), so that SQLite and PostgreSQL rank alike."""
+    words = ["garden", "tomato", "bike", "chain", "piano", "lesson", "budget", "report"]
+    for i in range(60):  # one by one: distinct times, so that equal scores order alike
+        driver.store("u", f"{words[i % 8]} {words[(i * 3) % 8]} n{i}x", importance=(i % 5) / 4)
+    queries = ["garden tomato", "bike chain lesson", "piano", "quarterly budget report"]
+    for weights in (DEFAULT_WEIGHTS, FusionWeights(vector=1.0, keyword=0.2, importance=0.3)):
+        ranked_driver = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder(),
+                                       weights=weights, pool_max_size=1)
+        for query in queries:
+            for use_vector in (True, False):
+                vector = WordHashEmbedder().embed_query(query) if use_vector else None
+                sql, values, _ = ranked_driver.explain_recall("u", query, vector, 5)
+                with psycopg.connect(empty_pg) as connection:
+                    rows = connection.execute(sql, values).fetchall()
+                candidates = {row[0]: Candidate(*row) for row in rows}
+                expected = rank_candidates(candidates, 5, weights, use_vector=use_vector)
+                with psycopg.connect(empty_pg) as connection:
+                    ids = dict(connection.execute("SELECT pk, id FROM memories").fetchall())
+                found = ranked_driver.recall("u", query=query, top_k=5, use_vector=use_vector)
+                assert [(m["id"], m["score"]) for m in found] == [
+                    (ids[pk], round(score, 6)) for pk, score in expected], (query, use_vector)
+        ranked_driver.close()

@@ -191,6 +191,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self._pool = pool or ConnectionPool(
             url or "", min_size=pool_min_size, max_size=max(pool_min_size, pool_max_size),
             timeout=pool_timeout, open=False, check=ConnectionPool.check_connection,
+            configure=_configure_session,
             kwargs={"connect_timeout": max(1, math.ceil(connect_timeout))},
             name="memory-pgvector",
         )
@@ -248,34 +249,34 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         scope, params = _memory_scope(filters, now)
         touch = {"now": now}
         with self._connection() as conn:
-            if text is None:
-                # The newest first: one statement picks, counts the access and returns them.
-                with conn.pipeline():
-                    conn.execute("SET LOCAL synchronous_commit = off")  # see _ACCESS_WRITE
-                    rows = conn.execute(
-                        f"{_ACCESS_WRITE} pk IN (SELECT m.pk FROM memories m WHERE {scope} "
-                        "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s) "
-                        f"RETURNING {_MEMORY_COLUMNS}", {**params, **touch, "limit": top_k},
-                    ).fetchall()
-                    conn.commit()
-                rows.sort(key=lambda row: (row[15], row[0]), reverse=True)
-                return [{**_memory_from_row(row), "score": 1.0} for row in rows]
-            with conn.pipeline():
-                candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,
-                                                  query_vector, top_k)
-                ranked = ranking.rank_candidates(candidates, top_k, self._weights,
-                                                 use_vector=query_vector is not None)
-                if not ranked:
-                    return []
-                rows = conn.execute(
-                    f"{_ACCESS_WRITE} pk = ANY(%(pks)s) AND deleted_at IS NULL "
-                    "AND (expires_at IS NULL OR expires_at > %(now)s) "
-                    f"RETURNING {_MEMORY_COLUMNS}", {**touch, "pks": [pk for pk, _ in ranked]},
-                ).fetchall()
+            if conn.info.transaction_status:  # not idle: the first call's schema check
                 conn.commit()
-        by_pk = {row[0]: row for row in rows}
-        return [{**_memory_from_row(by_pk[pk]), "score": round(score, 6)}
-                for pk, score in ranked if pk in by_pk]
+            # One statement, its own transaction: no BEGIN and COMMIT round trips (on a busy
+            # machine each costs as much as the search); its settings are local to it.
+            conn.autocommit = True
+            try:
+                if text is None:
+                    # The newest first: picked, counted and returned by one statement.
+                    rows = conn.execute(
+                        f"{_ACCESS_WRITE} pk IN (SELECT m.pk FROM memories m, (SELECT "
+                        "set_config('synchronous_commit', 'off', true)) AS settings "
+                        f"WHERE {scope} ORDER BY m.created_at DESC, m.pk DESC "
+                        f"LIMIT %(limit)s) RETURNING {_MEMORY_COLUMNS}, 1.0::float8",
+                        {**params, **touch, "limit": top_k},
+                    ).fetchall()
+                else:
+                    sql, values, settings = self._recall_statement(
+                        conn, _MEMORIES, scope, params, text, query_vector, top_k)
+                    rows = conn.execute(
+                        _ranked_and_touched(sql, self._weights, query_vector is not None),
+                        {**values, **settings, **touch, **_weight_values(self._weights),
+                         "top_k": top_k},
+                    ).fetchall()
+            finally:
+                conn.autocommit = False
+        # Best first; ties to the newest, then the larger pk (ranking.rank's order).
+        rows.sort(key=lambda row: (row[-1], row[15], row[0]), reverse=True)
+        return [{**_memory_from_row(row), "score": round(row[-1], 6)} for row in rows]
 
     @_translate_errors
     def recall_global_knowledge(
@@ -860,11 +861,54 @@ _ACCESS_WRITE = ("UPDATE memories m SET access_count = m.access_count + 1, "
 KEYWORD_MATCH_BUDGET = 200
 #: How long a driver reuses a table's word statistics (they change only when it is analysed).
 _STATS_TTL = 60.0
+def _ranked_and_touched(candidates_sql: str, weights: ranking.FusionWeights,
+                       use_vector: bool) -> str:
+    """The recall statement: ``_candidate_query``'s statement, ranked, and its top k's
+    access counted, returning their rows and scores (unordered).
+
+    The score is ``ranking.fuse``'s, term for term in the same order of float8 operations, so
+    it is the very number ``ranking.rank_candidates`` computes from the same candidates (a
+    test holds them equal); without a vector, the keyword coverage alone, as there.
+    """
+    if use_vector:
+        score = ("LEAST(1.0, (%(wv)s * LEAST(1.0, GREATEST(0.0, cosine)) "
+                 "+ %(wk)s * LEAST(1.0, GREATEST(0.0, coverage)) "
+                 "+ %(wi)s * importance) / %(total)s)")
+        eligible = "TRUE"
+    else:
+        score, eligible = "coverage", "coverage > 0"
+    return (
+        f"WITH scored (pk, importance, recency, cosine, coverage) AS MATERIALIZED "
+        f"({candidates_sql}), "
+        f"ranked AS (SELECT pk, recency, {score} AS score FROM scored WHERE {eligible} "
+        "ORDER BY score DESC, recency DESC, pk DESC LIMIT %(top_k)s), "
+        "touched AS (UPDATE memories m SET access_count = m.access_count + 1, "
+        "last_accessed_at = %(now)s FROM ranked r WHERE m.pk = r.pk "
+        f"RETURNING {_MEMORY_COLUMNS}, r.score) "
+        "SELECT * FROM touched"
+    )
+
+
+def _weight_values(weights: ranking.FusionWeights) -> dict[str, float]:
+    return {"wv": weights.vector, "wk": weights.keyword, "wi": weights.importance,
+            "total": weights.vector + weights.keyword + weights.importance}
+
+
 #: The share of the query's words (``q.lexemes``) that row ``m`` holds.
 _COVERAGE = ("(length(m.content_tsv) - length(ts_delete(m.content_tsv, q.lexemes)))::float8 "
              "/ GREATEST(1, cardinality(q.lexemes))")
 #: ``lexeme`` as a tsquery operand: quoted, with quotes and backslashes escaped.
 _QUOTED_LEXEME = (r"'''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || ''''")
+
+
+def _configure_session(conn: Any) -> None:
+    """Settings of every pooled connection: no parallel workers and no JIT (they are decided
+    when a statement is planned, so the recall statement cannot set them itself; see the
+    module docstring). The driver's statements are all small, indexed ones."""
+    conn.autocommit = True
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    conn.execute("SET jit = off")
+    conn.autocommit = False
 
 
 def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: str,
@@ -876,14 +920,19 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: 
     """
     depth = ranking.candidate_depth(top_k)
     values = {**params, "text": text, "depth": depth, "exact_max": exact_max,
+              "ef_search": str(max(40, depth)),
               "budget": KEYWORD_MATCH_BUDGET, "table_rows": frequent.rows,
               "frequent": frequent.lexemes, "shares": frequent.shares}
     parts = [
         "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes)",
         # The scope's size, counted up to exact_max + 1 from an index alone (every row of the
         # user, in any state: counting only the visible ones would visit each row's page).
-        f"sized AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM {corpus.population} "
-        "LIMIT %(exact_max)s + 1) AS scoped)",
+        # It also applies the statement's settings (see the module docstring): every branch
+        # reads "sized" before it starts, and pgvector reads its settings when a scan starts.
+        "sized AS (SELECT COUNT(*) AS n, set_config('hnsw.ef_search', %(ef_search)s, true) "
+        "|| set_config('hnsw.iterative_scan', 'strict_order', true) "
+        "|| set_config('synchronous_commit', 'off', true) AS settings "
+        f"FROM (SELECT 1 FROM {corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
         # Each query word's estimated matches in the scope: its share of the table's rows
         # times the scope's rows (the table's, when the count stopped at its cap).
         "words AS (SELECT w.lexeme, COALESCE(f.share, 0) * (SELECT CASE WHEN n <= "
