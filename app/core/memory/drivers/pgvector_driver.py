@@ -273,7 +273,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                          "top_k": top_k},
                     ).fetchall()
             finally:
-                conn.autocommit = False
+                if not conn.closed:  # a broken connection is discarded by the pool anyway
+                    conn.autocommit = False
         # Best first; ties to the newest, then the larger pk (ranking.rank's order).
         rows.sort(key=lambda row: (row[-1], row[15], row[0]), reverse=True)
         return [{**_memory_from_row(row), "score": round(row[-1], 6)} for row in rows]
