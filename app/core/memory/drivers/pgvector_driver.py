@@ -49,6 +49,11 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   recall's budget is a few. Which words are frequent follows the planner's statistics, so it
   can change after an ``ANALYZE``, and only on tables large enough for a word to pass the budget
   (below 30,000 rows ``ANALYZE`` reads every row, and its statistics are exact).
+- The access-count write stays a HOT update (no index touched) because the 2026_11_29 migration
+  leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at fillfactor 85 half of
+  these updates found no room on their page and inserted into every index, HNSW included (at
+  10k memories the recall statement took ~34 ms with the write against ~14 ms without it on
+  the loaded machine; with fillfactor 50, 99% of the updates were HOT and the write ~2 ms).
 - Keyword coverage is computed for every candidate, vector ones included (ranking.py's rule),
   as ``length(tsv) - length(ts_delete(tsv, query words))``, instead of unnesting each row's
   lexemes.
