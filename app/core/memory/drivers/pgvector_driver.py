@@ -19,19 +19,23 @@ How it works:
 
 Recall, and why it is built this way (profiled with ``python -m bench.pgvector_recall
 --explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
-- Two round trips, in psycopg's pipeline mode: (1) the settings below and one statement that
-  returns every candidate's pk, importance, recency, cosine and keyword coverage (no content:
-  converting 100 full rows cost more than ranking them); ``ranking.py`` fuses them, as for
-  SQLite; (2) one ``UPDATE ... RETURNING`` that counts the access of the top k and returns
-  their rows, with the commit. The statements' text is constant per filter combination, so
-  psycopg prepares them after a few calls and PostgreSQL stops re-planning them (planning this
-  statement cost 0.6-9 ms).
-- Settings, local to the transaction: no parallel workers and no JIT (the planner gave the
-  never-run exact branch a parallel plan at 100k rows, and starting its workers alone cost
-  ~20 ms); ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL
-  flush per read); ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12) and pgvector
-  0.8's ``hnsw.iterative_scan = strict_order``, so filtering by user cannot leave the result
-  short.
+- One statement, one round trip, on the pooled connection switched to autocommit for it (no
+  BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the search):
+  the candidates with their importance, recency, cosine and keyword coverage; their fused score,
+  ``ranking.fuse``'s formula term for term in float8 (``_ranked_and_touched``; a test holds it
+  equal to ``ranking.rank_candidates``); the top k; and the ``UPDATE ... RETURNING`` that counts
+  their access and returns their rows. The old recall took five to seven round trips and
+  converted every candidate's full row. The statement's text is constant per filter combination,
+  so psycopg prepares it after a few calls and PostgreSQL stops re-planning it (0.6-9 ms).
+  Knowledge recall (no access write, not on the hot path) runs the candidate statement with
+  ``_SETTINGS`` in a pipeline, ranks in Python, then fetches the chosen chunks.
+- Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
+  ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
+  and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
+  read) are set by ``set_config(..., true)`` inside the statement, before any scan starts.
+  Parallel workers and JIT are decided at planning, so they are off for the whole pooled session
+  (``_configure_session``): at 100k rows the planner gave the never-run exact branch a parallel
+  plan, and starting its two workers alone cost ~23 ms a recall.
 - Exact or index: the scope is counted from an index alone, up to ``exact_scan_max_rows`` + 1
   rows. A scope within it (the usual case: one user's memories in a shared table) is scanned
   and sorted exactly; a larger one goes through the HNSW index, whose graph the 2026_11_29
