@@ -2,9 +2,10 @@
 and leave half of each new page of ``memories`` free (fillfactor 50, was 85).
 
 With pgvector's defaults (16, 64) a search at ``hnsw.ef_search = 50`` found the exact top 10 for
-92% of ``bench.pgvector_recall``'s queries on one user's 100k memories (94% at 64, and no better
-than 92% up to 160: some neighbours are simply badly linked); with (32, 128) 98% at 50 and 97% at
-40, so recall reaches the exactness target without searching deeper. The price is paid on
+87% of ``bench.pgvector_recall``'s queries on one user's 100k memories (90% at 64, 92% at 160:
+searching deeper barely helps, some neighbours are badly linked); (16, 128) gave 92% at 50 and
+94% at 64; (32, 128) 98% at 50 and 97% at 40, so recall reaches the exactness target without
+searching deeper. The price is paid on
 writes: a build or an insertion costs about twice as much, and the index is ~1.5x larger.
 Knowledge chunks keep the defaults (their searches are not filtered by user, and the table is
 small). On a large table this migration takes a while (an HNSW build; ~3 minutes for 100k rows

@@ -40,8 +40,8 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   rows. A scope within it (the usual case: one user's memories in a shared table) is scanned
   and sorted exactly; a larger one goes through the HNSW index, whose graph the 2026_11_29
   migration made denser (m 32, ef_construction 128): at ef_search 50 its top 10 is the exact
-  top 10 for 98% of the benchmark's queries on 100k memories, against 92% with pgvector's
-  defaults, which no ef_search up to 160 fixed.
+  top 10 for 98% of the benchmark's queries on 100k memories, against 87% with pgvector's
+  defaults (16, 64), which no ef_search up to 160 brought above 92%.
 - Keyword candidates: rows holding a *searched* query word, best keyword coverage first (the
   score the fusion uses; ts_rank_cd, which it replaced, cost ~10 us a row and ranked by
   something else), ties to the newest. A word is searched while the rows it is estimated to
