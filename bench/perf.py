@@ -20,6 +20,8 @@ What is measured, per driver, each in a process of its own (so that its peak RSS
   scan plus top-10 over the same user's vectors; and with the query embedding (30 new query texts
   through the model).
 - ``exact``: the share of queries whose top 10, ranked by cosine alone, is the exact top 10.
+- pgvector only, in a table of its own under the main one: the bare HNSW query over the same
+  user's rows on the same table (``bench.pgvector_recall.baseline_figures``), p50 and exact share.
 
 Then the embedding backends side by side (``bench.embedding_backends``: onnx and torch, each in new
 processes, interleaved; ``--backends ""`` skips it).
@@ -136,7 +138,8 @@ def measure_driver(name: str, args: argparse.Namespace) -> dict[str, Any]:
             rate = load(drivers[0], embedder, corpus, ["solo"], len(loaded), size, loaded)
             backend.settle()
             runs.append({"scenario": "one user", "memories": size, "load_per_s": rate}
-                        | measure_stage(drivers, embedder, corpus, ["solo"], loaded, name))
+                        | measure_stage(drivers, embedder, corpus, ["solo"], loaded, name)
+                        | hnsw_baseline(name, backend.location, corpus, ["solo"], loaded))
         close_all(drivers)
     if name != "automem":  # the double filters users in Python: it would time itself
         with open_backend(name) as backend:
@@ -149,7 +152,8 @@ def measure_driver(name: str, args: argparse.Namespace) -> dict[str, Any]:
             rate = load(drivers[0], embedder, corpus, users, 0, total, ids)
             backend.settle()
             runs.append({"scenario": f"{args.users} users", "memories": total, "load_per_s": rate}
-                        | measure_stage(drivers, embedder, corpus, users, ids, name))
+                        | measure_stage(drivers, embedder, corpus, users, ids, name)
+                        | hnsw_baseline(name, backend.location, corpus, users, ids))
             close_all(drivers)
     return {"runs": runs, "encode_per_s": encode_rate(model),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -213,6 +217,16 @@ def measure_stage(drivers: tuple[BaseMemoryDriver, BaseMemoryDriver], embedder: 
         "recall_embedded_ms": percentiles(embedded_ms),
         "exact_share": None if name == "automem" else exact / count,
     }
+
+
+def hnsw_baseline(name: str, url: str, corpus: Corpus, users: list[str],
+                  ids: list[str]) -> dict[str, Any]:
+    """For pgvector, the bare HNSW query on the same table (``bench.pgvector_recall``)."""
+    if name != "pgvector":
+        return {}
+    from bench.pgvector_recall import baseline_figures
+
+    return baseline_figures(url, corpus, users, ids)
 
 
 def numpy_top_k(matrix: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
@@ -298,7 +312,9 @@ def render(report: dict[str, Any]) -> str:
                 f"{recall['p50']:.2f} / {recall['p95']:.2f} | {scan['p50']:.2f} | "
                 f"{recall['p50'] / scan['p50']:.1f} | {embedded['p50']:.1f} / {embedded['p95']:.1f}"
                 f" | {exact} |")
-    return "\n".join(lines)
+    from bench.pgvector_recall import render_baseline
+
+    return "\n".join(lines + render_baseline(report))
 
 
 if __name__ == "__main__":

@@ -9,28 +9,71 @@ How it works:
   checks its connection, so after a server restart or killed backends the next call gets a fresh
   one; a call that fails on the way raises ``BackendUnavailableError``, and so does a pool with
   no free connection after ``MEMORY_PG_POOL_TIMEOUT`` seconds, instead of hanging.
-- Vectors are sent as pgvector's text literal (``'[0.1, ...]'::vector``), which needs no type
-  registration on the connection (so a pool opened before ``migrate`` keeps working after it).
-- Recall fetches its candidates in one query: the nearest vectors within the user's scope, the
-  best keyword matches (generated ``tsvector``, english configuration, any query word may match),
-  with each candidate's cosine and keyword coverage (the share of the query's words it holds), and
-  ``ranking.py`` fuses them as for SQLite. Nearest vectors are exact: a scope of at most
-  ``exact_scan_max_rows`` rows (the usual case: one user's memories) is scanned and sorted; a
-  larger one uses the HNSW index with pgvector 0.8's iterative scan (``hnsw.iterative_scan =
-  strict_order``), so filtering by user cannot leave the result short.
+- Vectors are sent in pgvector's binary format (``_BinaryVector``): no type registration is
+  needed (the statement's ``::vector`` cast types the parameter, so a pool opened before
+  ``migrate`` keeps working after it), and nothing is formatted as text. The text literal it
+  replaced cost ~1-2 ms per 384-d vector in Python alone: most of ``store_many``'s database
+  side, and of a recall's.
 - ``store_many`` is one transaction, pipelined ``INSERT ... ON CONFLICT`` (upsert by key) with
   the embeddings computed in batches before it starts.
+
+Recall, and why it is built this way (profiled with ``python -m bench.pgvector_recall
+--explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
+- One statement, one round trip, on the pooled connection switched to autocommit for it (no
+  BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the search):
+  the candidates with their importance, recency, cosine and keyword coverage; their fused score,
+  ``ranking.fuse``'s formula term for term in float8 (``_ranked_and_touched``; a test holds it
+  equal to ``ranking.rank_candidates``); the top k; and the ``UPDATE ... RETURNING`` that counts
+  their access and returns their rows. The old recall took five to seven round trips and
+  converted every candidate's full row. The statement's text is constant per filter combination,
+  so psycopg prepares it after a few calls and PostgreSQL stops re-planning it (0.6-9 ms).
+  Knowledge recall (no access write, not on the hot path) runs the candidate statement with
+  ``_SETTINGS`` in a pipeline, ranks in Python, then fetches the chosen chunks.
+- Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
+  ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
+  and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
+  read) are set by ``set_config(..., true)`` inside the statement, before any scan starts.
+  Parallel workers and JIT are decided at planning, so they are off for the whole pooled session
+  (``_configure_session``): at 100k rows the planner gave the never-run exact branch a parallel
+  plan, and starting its two workers alone cost ~23 ms a recall.
+- Exact or index: the scope is counted from an index alone, up to ``exact_scan_max_rows`` + 1
+  rows. A scope within it (the usual case: one user's memories in a shared table) is scanned
+  and sorted exactly; a larger one goes through the HNSW index, whose graph the 2026_11_29
+  migration made denser (m 32, ef_construction 128): at ef_search 50 its top 10 is the exact
+  top 10 for 98% of the benchmark's queries on 100k memories, against 87% with pgvector's
+  defaults (16, 64), which no ef_search up to 160 brought above 92%.
+- Keyword candidates: rows holding a *searched* query word, best keyword coverage first (the
+  score the fusion uses; ts_rank_cd, which it replaced, cost ~10 us a row and ranked by
+  something else), ties to the newest. A word is searched while the rows it is estimated to
+  match in the scope (its share of the table's rows, from ``pg_stats``' most common elements of
+  ``content_tsv``, cached per driver for a minute, times the scope's size) stay within
+  ``KEYWORD_MATCH_BUDGET`` (200); if no word is, the rarest one is. A frequent word still counts
+  in every candidate's coverage: it just does not pull in candidates of its own. Reading the
+  pages of every row that holds a word in 5% of 100k memories took 10-40 ms, when the whole
+  recall's budget is a few. Which words are frequent follows the planner's statistics, so it
+  can change after an ``ANALYZE``, and only on tables large enough for a word to pass the budget
+  (below 30,000 rows ``ANALYZE`` reads every row, and its statistics are exact).
+- The access-count write stays a HOT update (no index touched) because the 2026_11_29 migration
+  leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at fillfactor 85 half of
+  these updates found no room on their page and inserted into every index, HNSW included (at
+  10k memories the recall statement took ~34 ms with the write against ~14 ms without it on
+  the loaded machine; with fillfactor 50, 99% of the updates were HOT and the write ~2 ms).
+- Keyword coverage is computed for every candidate, vector ones included (ranking.py's rule),
+  as ``length(tsv) - length(ts_delete(tsv, query words))``, instead of unnesting each row's
+  lexemes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -152,11 +195,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             ) from exc
         if pool is None and not url:
             raise InvalidInputError("url must be a PostgreSQL URL (or pass pool=)")
+        _register_vector_dumper()
         self.url = redact_url(url or "")
         self.pool_timeout = pool_timeout
         self._pool = pool or ConnectionPool(
             url or "", min_size=pool_min_size, max_size=max(pool_min_size, pool_max_size),
             timeout=pool_timeout, open=False, check=ConnectionPool.check_connection,
+            configure=_configure_session,
             kwargs={"connect_timeout": max(1, math.ceil(connect_timeout))},
             name="memory-pgvector",
         )
@@ -169,6 +214,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self._closed = False
         self._schema_checked = False
         self._identity_checked = False
+        self._lexeme_stats: dict[str, _LexemeStats] = {}
 
     @classmethod
     def from_settings(cls) -> PgvectorDriver:
@@ -211,34 +257,37 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text) if text is not None and use_vector else None
         now = _utcnow()
         scope, params = _memory_scope(filters, now)
+        touch = {"now": now}
         with self._connection() as conn:
-            if text is None:
-                conn.execute("SET LOCAL synchronous_commit = off")  # see _candidate_rows
-                rows = conn.execute(
-                    f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
-                    "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s",
-                    {**params, "limit": top_k},
-                ).fetchall()
-                ranked = [(row[0], 1.0) for row in rows]
-            else:
-                rows = self._candidate_rows(conn, _MEMORIES, scope, params, text, query_vector,
-                                            top_k)
-                ranked = ranking.rank_candidates(_candidates(rows), top_k, self._weights,
-                                                 use_vector=query_vector is not None)
-            by_pk = {row[0]: row for row in rows}
-            memories = []
-            for pk, score in ranked:
-                memory = _memory_from_row(by_pk[pk])
-                memory["score"] = round(score, 6)
-                memories.append(memory)
-            if memories:
-                conn.execute(
-                    "UPDATE memories SET access_count = access_count + 1, last_accessed_at = %s "
-                    "WHERE pk = ANY(%s)", (now, [pk for pk, _ in ranked]))
-        for memory in memories:
-            memory["access_count"] += 1
-            memory["last_accessed_at"] = now
-        return memories
+            if conn.info.transaction_status:  # not idle: the first call's schema check
+                conn.commit()
+            # One statement, its own transaction: no BEGIN and COMMIT round trips (on a busy
+            # machine each costs as much as the search); its settings are local to it.
+            conn.autocommit = True
+            try:
+                if text is None:
+                    # The newest first: picked, counted and returned by one statement.
+                    rows = conn.execute(
+                        f"{_ACCESS_WRITE} pk IN (SELECT m.pk FROM memories m, (SELECT "
+                        "set_config('synchronous_commit', 'off', true)) AS settings "
+                        f"WHERE {scope} ORDER BY m.created_at DESC, m.pk DESC "
+                        f"LIMIT %(limit)s) RETURNING {_MEMORY_COLUMNS}, 1.0::float8",
+                        {**params, **touch, "limit": top_k},
+                    ).fetchall()
+                else:
+                    sql, values, settings = self._recall_statement(
+                        conn, _MEMORIES, scope, params, text, query_vector, top_k)
+                    rows = conn.execute(
+                        _ranked_and_touched(sql, self._weights, query_vector is not None),
+                        {**values, **settings, **touch, **_weight_values(self._weights),
+                         "top_k": top_k},
+                    ).fetchall()
+            finally:
+                if not conn.closed:  # a broken connection is discarded by the pool anyway
+                    conn.autocommit = False
+        # Best first; ties to the newest, then the larger pk (ranking.rank's order).
+        rows.sort(key=lambda row: (row[-1], row[15], row[0]), reverse=True)
+        return [{**_memory_from_row(row), "score": round(row[-1], 6)} for row in rows]
 
     @_translate_errors
     def recall_global_knowledge(
@@ -250,12 +299,15 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text)
         scope, params = ("d.category = %(category)s", {"category": category}) if category else (
             "TRUE", {})
-        with self._connection() as conn:
-            rows = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text, query_vector,
-                                        top_k)
+        with self._connection() as conn, conn.pipeline():
+            candidates = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text,
+                                              query_vector, top_k)
+            ranked = ranking.rank_candidates(candidates, top_k, self._weights)
+            rows = conn.execute(
+                f"SELECT {_KNOWLEDGE.columns} FROM {_KNOWLEDGE.source} WHERE m.pk = ANY(%s)",
+                ([pk for pk, _ in ranked],)).fetchall() if ranked else []
         by_pk = {row[0]: row for row in rows}
-        return [_knowledge_from_row(by_pk[pk], score)
-                for pk, score in ranking.rank_candidates(_candidates(rows), top_k, self._weights)]
+        return [_knowledge_from_row(by_pk[pk], score) for pk, score in ranked if pk in by_pk]
 
     @_translate_errors
     def store(
@@ -317,7 +369,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 cursor.executemany(
                     "INSERT INTO knowledge_chunks (document_pk, chunk_index, content, embedding) "
                     "VALUES (%s, %s, %s, %s::vector)",
-                    [(document[0], index, chunk, _vector_literal(vector))
+                    [(document[0], index, chunk, _vector_param(vector))
                      for index, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True))],
                 )
         return _document_from_row(document[1:])
@@ -397,7 +449,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             ("metadata", None if changes.metadata is None else _jsonb(changes.metadata), ""),
             ("importance", changes.importance, ""),
             ("expires_at", changes.expires_at, ""),
-            ("embedding", None if vector is None else _vector_literal(vector), "::vector"),
+            ("embedding", None if vector is None else _vector_param(vector), "::vector"),
         ):
             if value is not None:
                 assignments.append(f"{column} = %({column})s{cast}")
@@ -736,52 +788,49 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
 
     def _candidate_rows(self, conn: Any, corpus: _Corpus, scope: str, params: dict[str, Any],
                         text: str, query_vector: np.ndarray | None,
-                        top_k: int) -> list[tuple[Any, ...]]:
-        """Every candidate's columns, then (importance, recency, cosine, keyword coverage)."""
-        values = {**params, "text": text, "depth": ranking.candidate_depth(top_k),
-                  "exact_max": self._exact_scan_max_rows}
-        parts = [
-            "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes, "
-            "NULLIF(replace(plainto_tsquery('english', %(text)s)::text, '&', '|'), '')::tsquery "
-            "AS tsq)",
-            f"keyword AS (SELECT m.pk FROM {corpus.source}, q WHERE q.tsq IS NOT NULL "
-            f"AND m.content_tsv @@ q.tsq AND {scope} "
-            "ORDER BY ts_rank_cd(m.content_tsv, q.tsq) DESC LIMIT %(depth)s)",
-        ]
-        union = "SELECT pk FROM keyword"
-        cosine = "0.0"
-        if query_vector is not None:
-            values["vector"] = _vector_literal(query_vector)
-            parts += [
-                # Sized by every row of the user (any state): an index-only count, where
-                # counting the visible ones would visit each row's page.
-                f"small AS (SELECT COUNT(*) <= %(exact_max)s AS exact FROM (SELECT 1 FROM "
-                f"{corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
-                # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
-                f"exact AS (SELECT m.pk FROM {corpus.source} WHERE (SELECT exact FROM small) "
-                f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 "
-                "LIMIT %(depth)s)",
-                f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE NOT (SELECT exact FROM small) "
-                f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
-            ]
-            union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
-            cosine = "1 - (m.embedding <=> %(vector)s::vector)"
-        sql = (
-            f"WITH {', '.join(parts)}, candidates AS ({union}) "
-            f"SELECT {corpus.columns}, {corpus.importance}::float8, "
-            f"EXTRACT(EPOCH FROM {corpus.recency})::float8, "
-            f"{cosine}, CASE WHEN m.pk IN (SELECT pk FROM keyword) THEN "
-            "(SELECT COUNT(*) FROM unnest(tsvector_to_array(m.content_tsv)) AS lexeme "
-            "WHERE lexeme = ANY(q.lexemes))::float8 / GREATEST(1, cardinality(q.lexemes)) "
-            f"ELSE 0.0 END FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q"
-        )
-        # All three last until the end of the caller's transaction. Access counts, the only
-        # write a recall makes, are bookkeeping: not worth waiting for a WAL flush on every read.
-        conn.execute("SET LOCAL synchronous_commit = off; "
-                     "SET LOCAL hnsw.iterative_scan = strict_order; "
-                     f"SET LOCAL hnsw.ef_search = {max(40, int(values['depth']))}")
-        rows: list[tuple[Any, ...]] = conn.execute(sql, values).fetchall()
-        return rows
+                        top_k: int) -> dict[int, ranking.Candidate]:
+        """Every candidate's (importance, recency, cosine, keyword coverage), by pk."""
+        sql, values, settings = self._recall_statement(conn, corpus, scope, params, text,
+                                                       query_vector, top_k)
+        conn.execute(_SETTINGS, settings)
+        return {row[0]: ranking.Candidate(*row)
+                for row in conn.execute(sql, values).fetchall()}
+
+    def _recall_statement(self, conn: Any, corpus: _Corpus, scope: str,
+                          params: dict[str, Any], text: str, query_vector: np.ndarray | None,
+                          top_k: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        frequent = self._frequent_lexemes(conn, corpus)
+        return _candidate_query(corpus, scope, params, text, query_vector, top_k,
+                                self._exact_scan_max_rows, frequent)
+
+    def _frequent_lexemes(self, conn: Any, corpus: _Corpus) -> _LexemeStats:
+        """The planner's estimate of the corpus's frequent words (cached ``_STATS_TTL`` s)."""
+        cached = self._lexeme_stats.get(corpus.table)
+        if cached is not None and time.monotonic() - cached.fetched_at < _STATS_TTL:
+            return cached
+        row = conn.execute(
+            "SELECT c.reltuples::float8, s.most_common_elems::text::text[], "
+            "s.most_common_elem_freqs FROM pg_class c LEFT JOIN pg_stats s "
+            "ON s.schemaname = current_schema() AND s.tablename = %(table)s "
+            "AND s.attname = 'content_tsv' WHERE c.oid = to_regclass(%(table)s)",
+            {"table": corpus.table}).fetchone()
+        rows, lexemes, shares = row or (0.0, None, None)
+        stats = _LexemeStats(time.monotonic(), max(0.0, rows or 0.0), [], [])
+        for lexeme, share in zip(lexemes or [], shares or [], strict=False):
+            if share * stats.rows > KEYWORD_MATCH_BUDGET:  # only these can ever be skipped
+                stats.lexemes.append(lexeme)
+                stats.shares.append(float(share))
+        self._lexeme_stats[corpus.table] = stats
+        return stats
+
+    def explain_recall(self, user_id: str, text: str, query_vector: np.ndarray | None,
+                       top_k: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """The statement, parameters and settings (``set_config`` values) of a hybrid recall
+        of ``user_id`` (for ``bench.pgvector_recall --explain``; not part of the contract)."""
+        scope, params = _memory_scope(prepare_filters(user_id), _utcnow())
+        with self._connection() as conn:
+            return self._recall_statement(conn, _MEMORIES, scope, params, text, query_vector,
+                                          top_k)
 
 
 # -- module helpers -------------------------------------------------------------------------
@@ -793,22 +842,163 @@ _BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
 class _Corpus:
     """What differs between searching memories and knowledge chunks (constant SQL only).
 
-    ``population`` is the FROM clause whose size picks exact search or the index.
+    ``population`` is the FROM clause whose size picks exact search or the index; ``table``
+    the table whose ``content_tsv`` statistics say which words are frequent.
     """
 
-    def __init__(self, source: str, population: str, columns: str, importance: str,
-                 recency: str) -> None:
-        self.source, self.population, self.columns = source, population, columns
-        self.importance, self.recency = importance, recency
+    def __init__(self, table: str, source: str, population: str, columns: str,
+                 importance: str, recency: str) -> None:
+        self.table, self.source, self.population = table, source, population
+        self.columns, self.importance, self.recency = columns, importance, recency
 
 
-_MEMORIES = _Corpus("memories m", "memories WHERE user_id = %(user_id)s", _MEMORY_COLUMNS,
-                    "m.importance", "m.created_at")
+_MEMORIES = _Corpus("memories", "memories m", "memories WHERE user_id = %(user_id)s",
+                    _MEMORY_COLUMNS, "m.importance", "m.created_at")
 _KNOWLEDGE = _Corpus(
-    "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk", "knowledge_chunks",
+    "knowledge_chunks", "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
+    "knowledge_chunks",
     "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
     "0.5", "d.updated_at",
 )
+
+
+@dataclass
+class _LexemeStats:
+    """A table's size and its words found in more than ``KEYWORD_MATCH_BUDGET`` rows, with the
+    share of rows holding each (``pg_stats.most_common_elems`` of ``content_tsv``)."""
+
+    fetched_at: float
+    rows: float
+    lexemes: list[str]
+    shares: list[float]
+
+
+#: The recall statement's settings, as one statement (the pipeline cannot send several); see
+#: the module docstring for each.
+_SETTINGS = ("SELECT set_config('synchronous_commit', 'off', true), "
+             "set_config('hnsw.iterative_scan', 'strict_order', true), "
+             "set_config('hnsw.ef_search', %(ef_search)s, true), "
+             "set_config('max_parallel_workers_per_gather', '0', true), "
+             "set_config('jit', 'off', true)")
+#: The access-count write of recall; the WHERE clause follows. Bookkeeping: its transaction
+#: commits with ``synchronous_commit`` off, not waiting for a WAL flush on every read.
+_ACCESS_WRITE = ("UPDATE memories m SET access_count = m.access_count + 1, "
+                 "last_accessed_at = %(now)s WHERE ")
+#: A query word is searched for (its rows become keyword candidates) only while the rows it
+#: is estimated to match in the scope stay within this budget; see the module docstring.
+KEYWORD_MATCH_BUDGET = 200
+#: How long a driver reuses a table's word statistics (they change only when it is analysed).
+_STATS_TTL = 60.0
+def _ranked_and_touched(candidates_sql: str, weights: ranking.FusionWeights,
+                       use_vector: bool) -> str:
+    """The recall statement: ``_candidate_query``'s statement, ranked, and its top k's
+    access counted, returning their rows and scores (unordered).
+
+    The score is ``ranking.fuse``'s, term for term in the same order of float8 operations, so
+    it is the very number ``ranking.rank_candidates`` computes from the same candidates (a
+    test holds them equal); without a vector, the keyword coverage alone, as there.
+    """
+    if use_vector:
+        score = ("LEAST(1.0, (%(wv)s * LEAST(1.0, GREATEST(0.0, cosine)) "
+                 "+ %(wk)s * LEAST(1.0, GREATEST(0.0, coverage)) "
+                 "+ %(wi)s * importance) / %(total)s)")
+        eligible = "TRUE"
+    else:
+        score, eligible = "coverage", "coverage > 0"
+    return (
+        f"WITH scored (pk, importance, recency, cosine, coverage) AS MATERIALIZED "
+        f"({candidates_sql}), "
+        f"ranked AS (SELECT pk, recency, {score} AS score FROM scored WHERE {eligible} "
+        "ORDER BY score DESC, recency DESC, pk DESC LIMIT %(top_k)s), "
+        "touched AS (UPDATE memories m SET access_count = m.access_count + 1, "
+        "last_accessed_at = %(now)s FROM ranked r WHERE m.pk = r.pk "
+        f"RETURNING {_MEMORY_COLUMNS}, r.score) "
+        "SELECT * FROM touched"
+    )
+
+
+def _weight_values(weights: ranking.FusionWeights) -> dict[str, float]:
+    return {"wv": weights.vector, "wk": weights.keyword, "wi": weights.importance,
+            "total": weights.vector + weights.keyword + weights.importance}
+
+
+#: The share of the query's words (``q.lexemes``) that row ``m`` holds.
+_COVERAGE = ("(length(m.content_tsv) - length(ts_delete(m.content_tsv, q.lexemes)))::float8 "
+             "/ GREATEST(1, cardinality(q.lexemes))")
+#: ``lexeme`` as a tsquery operand: quoted, with quotes and backslashes escaped.
+_QUOTED_LEXEME = (r"'''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || ''''")
+
+
+def _configure_session(conn: Any) -> None:
+    """Settings of every pooled connection: no parallel workers and no JIT (they are decided
+    when a statement is planned, so the recall statement cannot set them itself; see the
+    module docstring). The driver's statements are all small, indexed ones."""
+    conn.autocommit = True
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    conn.execute("SET jit = off")
+    conn.autocommit = False
+
+
+def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: str,
+                     query_vector: np.ndarray | None, top_k: int, exact_max: int,
+                     frequent: _LexemeStats) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The candidate statement, its parameters, and the values of ``_SETTINGS``.
+
+    Its rows: (pk, importance, recency, cosine, keyword coverage) of every candidate.
+    """
+    depth = ranking.candidate_depth(top_k)
+    values = {**params, "text": text, "depth": depth, "exact_max": exact_max,
+              "ef_search": str(max(40, depth)),
+              "budget": KEYWORD_MATCH_BUDGET, "table_rows": frequent.rows,
+              "frequent": frequent.lexemes, "shares": frequent.shares}
+    parts = [
+        "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes)",
+        # The scope's size, counted up to exact_max + 1 from an index alone (every row of the
+        # user, in any state: counting only the visible ones would visit each row's page).
+        # It also applies the statement's settings (see the module docstring): every branch
+        # reads "sized" before it starts, and pgvector reads its settings when a scan starts.
+        "sized AS (SELECT COUNT(*) AS n, set_config('hnsw.ef_search', %(ef_search)s, true) "
+        "|| set_config('hnsw.iterative_scan', 'strict_order', true) "
+        "|| set_config('synchronous_commit', 'off', true) AS settings "
+        f"FROM (SELECT 1 FROM {corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
+        # Each query word's estimated matches in the scope: its share of the table's rows
+        # times the scope's rows (the table's, when the count stopped at its cap).
+        "words AS (SELECT w.lexeme, COALESCE(f.share, 0) * (SELECT CASE WHEN n <= "
+        "%(exact_max)s THEN n ELSE GREATEST(n, %(table_rows)s) END FROM sized) AS matches "
+        "FROM q, unnest(q.lexemes) AS w (lexeme) "
+        "LEFT JOIN unnest(%(frequent)s::text[], %(shares)s::float8[]) AS f (lexeme, share) "
+        "ON f.lexeme = w.lexeme)",
+        # Searched: the words within the budget, or the rarest one if none is.
+        f"tsq AS (SELECT string_agg({_QUOTED_LEXEME}, ' | ')::tsquery AS tsq FROM "
+        "(SELECT lexeme FROM words WHERE matches <= %(budget)s UNION (SELECT lexeme "
+        "FROM words ORDER BY matches, lexeme LIMIT 1)) AS searched)",
+        f"keyword AS (SELECT m.pk FROM {corpus.source}, q, tsq WHERE m.content_tsv @@ tsq.tsq "
+        f"AND {scope} ORDER BY {_COVERAGE} DESC, {corpus.recency} DESC, m.pk DESC "
+        "LIMIT %(depth)s)",
+    ]
+    union = "SELECT pk FROM keyword"
+    cosine = "0.0::float8"
+    if query_vector is not None:
+        values["vector"] = _vector_param(query_vector)
+        parts += [
+            # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
+            f"exact AS (SELECT m.pk FROM {corpus.source} WHERE "
+            "(SELECT n <= %(exact_max)s FROM sized) "
+            f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 LIMIT %(depth)s)",
+            f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE "
+            "(SELECT n > %(exact_max)s FROM sized) "
+            f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
+        ]
+        union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
+        cosine = "1 - (m.embedding <=> %(vector)s::vector)"
+    sql = (
+        f"WITH {', '.join(parts)}, candidates AS ({union}) "
+        f"SELECT m.pk, {corpus.importance}::float8, "
+        f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {_COVERAGE} "
+        # Ordered so that ranking's ties (same score, same time) go to the larger pk.
+        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q ORDER BY m.pk DESC"
+    )
+    return sql, values, {"ef_search": str(max(40, depth))}
 
 
 def _memory_scope(filters: RecallFilters, now: datetime, *,
@@ -836,16 +1026,10 @@ def _memory_scope(filters: RecallFilters, now: datetime, *,
     return " AND ".join(clauses), params
 
 
-def _candidates(rows: list[tuple[Any, ...]]) -> dict[int, ranking.Candidate]:
-    """``_candidate_rows``' rows as ranking candidates (their last four columns)."""
-    return {row[0]: ranking.Candidate(row[0], row[-4], row[-3], row[-2], row[-1])
-            for row in rows}
-
-
 def _upsert_params(draft: MemoryDraft, vector: np.ndarray, now: datetime) -> tuple[Any, ...]:
     return (uuid.uuid4().hex, draft.user_id, draft.agent_id, draft.conversation_id,
             draft.namespace, draft.key, draft.content, draft.tags, _jsonb(draft.metadata),
-            draft.importance, draft.expires_at, now, now, _vector_literal(vector))
+            draft.importance, draft.expires_at, now, now, _vector_param(vector))
 
 
 def _migration_check(conn: Any) -> dict[str, Any]:
@@ -876,6 +1060,50 @@ def _memory_counts(conn: Any, user_id: str | None, now: datetime) -> dict[str, i
         {"n": now, "u": user_id},
     ).fetchone()
     return {"visible": visible, "deleted": deleted, "expired": expired}
+
+
+class _BinaryVector:
+    """A vector parameter in pgvector's binary format (what ``vector_recv`` reads: dimension and
+    a zero as big-endian int16, then big-endian float32 values).
+
+    Formatting 384 floats as text costs ~1 ms in Python (and parsing them again on the server),
+    which made the literal most of ``store_many``'s database time; this costs microseconds and
+    is exact. It needs no type registration: sent with no type, the parameter takes the type of
+    its ``::vector`` cast, which every statement that passes one has.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, vector: np.ndarray) -> None:
+        values = np.asarray(vector, dtype=">f4").ravel()
+        self.payload = struct.pack(">HH", values.size, 0) + values.tobytes()
+
+
+_dumper_registered = False
+
+
+def _register_vector_dumper() -> None:
+    """Teach psycopg (process-wide, for ``_BinaryVector`` only) to send it in binary."""
+    global _dumper_registered
+    if _dumper_registered:
+        return
+    import psycopg
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    class VectorDumper(Dumper):
+        format = Format.BINARY
+
+        def dump(self, obj: Any) -> bytes:
+            payload: bytes = obj.payload
+            return payload
+
+    psycopg.adapters.register_dumper(_BinaryVector, VectorDumper)
+    _dumper_registered = True
+
+
+def _vector_param(vector: np.ndarray) -> _BinaryVector:
+    return _BinaryVector(vector)
 
 
 def _vector_literal(vector: np.ndarray) -> str:
