@@ -24,7 +24,7 @@ from app.core.database.migrator import (
     migrations_dir,
 )
 from app.core.memory.errors import BackendUnavailableError, MemoryDriverError
-from config.settings import get_settings, redact_url
+from config.settings import get_settings, redact_secrets, redact_url
 
 COMMANDS = ("migrate", "fresh", "rollback", "reset", "refresh", "status")
 DESTRUCTIVE = {"fresh", "rollback", "reset", "refresh"}
@@ -90,7 +90,8 @@ def _open(database: str, args: argparse.Namespace) -> MigrationDatabase:
                                          create_missing=args.command != "status")
     except Exception as exc:  # psycopg's errors: the module is imported lazily
         raise BackendUnavailableError(
-            f"cannot connect to DATABASE_URL ({redact_url(settings.database_url)}): {exc}"
+            f"cannot connect to DATABASE_URL ({redact_url(settings.database_url)}): "
+            f"{redact_secrets(str(exc), settings.database_url)}"
         ) from exc
 
 
