@@ -37,13 +37,35 @@ NASTY_TEXT = st.sampled_from([
     "%s %(user_id)s {}", "\\", "\u202e\u0301\ufeff", "😀" * 50, "NEAR(a b)", "a:b", "*", "\n\t",
     "alice", "bob", "carol", "\udcff",
 ])
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """``{"a": {"a": ...}}`` ``depth`` levels deep, built without recursion."""
+    top: dict[str, Any] = {}
+    inner = top
+    for _ in range(depth - 1):
+        inner["a"] = {}
+        inner = inner["a"]
+    return top
+
+
+def nested_list(depth: int) -> list[Any]:
+    """``[[[...[1]...]]]`` ``depth`` lists deep."""
+    top: list[Any] = [1]
+    for _ in range(depth - 1):
+        top = [top]
+    return top
+
+
+DEEP = nested(1_200)  # deeper than json.dumps can recurse
 NASTY = st.one_of(
     NASTY_TEXT, st.text(max_size=30), st.none(), st.booleans(),
     st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
     st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 1e308, 0.5]),
     st.binary(max_size=8), st.lists(NASTY_TEXT, max_size=3),
     st.dictionaries(st.text(max_size=5), NASTY_TEXT, max_size=2),
-    st.just(timedelta(seconds=-5)), st.just(object()),
+    st.just(timedelta(seconds=-5)), st.just(object()), st.just(DEEP),
+    st.just({"list": nested_list(40)}),
 )
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -163,6 +185,26 @@ class FuzzedVerbs:
                 assert snapshot(driver) == before, f"{verb} raised but changed the store"
 
         attempt()
+
+
+    @pytest.mark.parametrize("verb", ["store", "store_many", "update", "set_profile",
+                                      "create_user", "store_global_knowledge"])
+    def test_deeply_nested_metadata_is_refused_not_a_recursion_error(self, seeded, verb: str):
+        driver, known = seeded
+        calls = {
+            "store": lambda: driver.store("alice", "deep", metadata=DEEP),
+            "store_many": lambda: driver.store_many([{"user_id": "alice", "content": "deep",
+                                                      "metadata": DEEP}]),
+            "update": lambda: driver.update(known["alice"], "alice", metadata=DEEP),
+            "set_profile": lambda: driver.set_profile("alice", DEEP),
+            "create_user": lambda: driver.create_user("dora", profile=DEEP),
+            "store_global_knowledge": lambda: driver.store_global_knowledge(
+                "deep text", "deep", metadata=DEEP),
+        }
+        before = snapshot(driver)
+        with pytest.raises(InvalidInputError, match="nested at most"):
+            calls[verb]()
+        assert snapshot(driver) == before
 
 
 class TestSqliteFuzzed(FuzzedVerbs):
