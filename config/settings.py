@@ -68,7 +68,8 @@ class Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise SettingsError(f"{name} must be a {kind.__name__} (got {raw!r})") from None
+                kind_name = "a whole number" if kind is int else "a number"
+                raise SettingsError(f"{name} must be {kind_name} (got {raw!r})") from None
             if value < 0:
                 raise SettingsError(f"{name} must not be negative (got {raw!r})")
             return value
