@@ -9,6 +9,7 @@ Drivers embed with ``WordHashEmbedder`` (ranking is not under test; see that mod
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import subprocess
@@ -19,8 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.core.memory import InvalidInputError
@@ -270,3 +272,42 @@ def test_cli_answers_bad_arguments_with_a_message_never_a_traceback(
     assert "Traceback" not in done.stderr, done.stderr
     if done.returncode == 2:
         assert done.stderr.strip(), "a refusal must say why"
+
+
+VALID_DUMPED_MEMORY = {
+    "type": "memory", "id": "mem_1", "user_id": "alice", "agent_id": None,
+    "conversation_id": None, "namespace": "default", "key": None, "content": "a note",
+    "tags": [], "metadata": {}, "importance": 0.5, "access_count": 0, "last_accessed_at": None,
+    "expires_at": None, "deleted_at": None, "created_at": "2026-01-01T00:00:00+00:00",
+    "updated_at": "2026-01-01T00:00:00+00:00", "embedding": None,
+}
+DUMPED_NASTY = st.one_of(NASTY, st.sampled_from([
+    10**30, -(10**30), 2**31, 2**63, "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00",
+    "9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00", "2026-02-30T00:00:00+00:00",
+    "AAAA", "////" * 400, "AACAfw==" * 384, nested_list(1_200),
+]))
+
+
+SCALED_VECTOR = base64.b64encode(np.array([1e30], dtype="<f4").tobytes()).decode("ascii")
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(VALID_DUMPED_MEMORY)), value=DUMPED_NASTY,
+       dimension=st.sampled_from([None, 1, 384]))
+@example(field="access_count", value=10**30, dimension=None)
+@example(field="created_at", value="0001-01-01T00:00:00+14:00", dimension=None)
+@example(field="embedding", value=SCALED_VECTOR, dimension=1)
+@example(field="id", value=nested_list(1_200), dimension=None)
+def test_dumped_records_are_checked_or_refused_never_crash(field: str, value: Any,
+                                                           dimension: int | None):
+    from app.core.memory.portable import parse_record
+
+    try:
+        record = parse_record({**VALID_DUMPED_MEMORY, field: value}, dimension)
+    except InvalidInputError as error:
+        assert str(error)
+        return
+    vector = record["embedding"]  # type: ignore[typeddict-item]
+    if vector is not None:
+        assert len(vector) == dimension and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
+    assert 0 <= record["access_count"] < 2**31  # type: ignore[typeddict-item]

@@ -229,6 +229,7 @@ def test_bad_arguments_and_unsupported_drivers_say_so():
 
 def test_vectors_round_trip_exactly():
     vector = np.random.default_rng(1).standard_normal(384).astype(np.float32)
+    vector /= np.linalg.norm(vector)  # a model's vectors have length 1; others are dropped
     line = transfer.to_json_line({"type": "x", "embedding": vector})
     decoded = json.loads(line)["embedding"]
     from app.core.memory.portable import _vector

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,8 +47,14 @@ def _fail(name: str, rule: str, value: Any = None, *, show_value: bool = True) -
 
 
 def _preview(value: Any) -> str:
-    text = repr(value)
+    # reprlib stops a few levels down and after a few items: repr() of a value nested ~1,000
+    # deep raises RecursionError, and of a huge one takes its time.
+    text = _PREVIEW.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxstring = _PREVIEW.maxother = 80
 
 
 def check_id(value: Any, name: str) -> str:
