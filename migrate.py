@@ -6,10 +6,12 @@ every migration), ``refresh`` (reset, then migrate), ``status`` (ran and pending
 ``--database`` defaults to ``MEMORY_DRIVER``: ``sqlite`` migrates ``MEMORY_SQLITE_PATH`` (or
 ``--path``), ``pgvector`` migrates ``DATABASE_URL`` (created if it does not exist yet), ``automem``
 has nothing to migrate. In ``APP_ENV=production`` the destructive commands
-(fresh, rollback, reset, refresh) refuse to run without ``--force``. ``--pretend`` prints the SQL
-and changes nothing. Exit status: 0 on success, 1 on failure or refusal, 2 on a usage error
-(a bad environment value, a path that cannot be used, a damaged file). Every failure is one line
-on stderr, never a traceback.
+(fresh, rollback, reset, refresh) refuse to run without ``--force``; in any environment,
+``rollback`` of a store that holds memories, users or knowledge asks first (and, with no terminal
+to ask on, refuses) unless ``--force``. ``--pretend`` prints the SQL and changes nothing.
+Exit status: 0 on success, 1 on failure or refusal, 2 on a usage error (a bad environment value,
+a path that cannot be used, a damaged file). Every failure is one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -100,12 +102,36 @@ def _main(args: argparse.Namespace) -> int:
         return 1
     migrator = Migrator(db, migrations_dir(database))
     try:
+        if args.command == "rollback" and not (args.force or args.pretend) and _holds_data(db) \
+                and not _confirmed("The tables hold data, and rolling back drops them. "
+                                   "Roll back anyway? [y/N] "):
+            print("error: not confirmed; nothing was rolled back (pass --force to skip the "
+                  "question)", file=sys.stderr)
+            return 1
         return _run(migrator, args)
     except MigrationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         db.close()
+
+
+def _holds_data(db: MigrationDatabase) -> bool:
+    """Whether any table a user's data lives in has a row (tables not there yet hold none)."""
+    for table in ("memories", "users", "knowledge_documents"):
+        try:
+            if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                return True
+        except Exception:  # noqa: BLE001 - sqlite3's or psycopg's "no such table"
+            continue
+    return False
+
+
+def _confirmed(question: str) -> bool:
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:  # no terminal and nothing piped in: not a yes
+        return False
 
 
 def _open(database: str, args: argparse.Namespace) -> MigrationDatabase:

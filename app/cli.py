@@ -1,9 +1,11 @@
 """The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
 
-Commands: store, recall, get, delete, restore, knowledge add|search|delete, health, stats,
-users create|show, demo, and the maintenance commands backup, purge, forget-user, export,
+Commands: store, recall, list, get, update, delete, restore, knowledge add|search|delete, health,
+stats, users create|show, demo, and the maintenance commands backup, purge, forget-user, export,
 import, copy, reembed. Output is for people by default (progress bars on stderr); ``--json``
-prints one JSON document instead. Exit status: 0 success; 1 not found, backend down, a failed
+(before or after the command) prints one JSON document instead. With the SQLite driver no
+command creates the database file: one that does not exist is an error naming the full path and
+``python migrate.py``. Exit status: 0 success; 1 not found, backend down, a failed
 check or records refused; 2 bad input (arguments, an environment value, a path that cannot be
 used, a damaged file, an embedding model that is not installed). No traceback reaches the user:
 an error nobody foresaw is one line too (``--traceback`` shows where it came from).
@@ -29,7 +31,12 @@ from app.core.database.sqlite_backup import backup_sqlite
 from app.core.memory import get_memory_driver, transfer
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.embeddings import get_default_embedder
-from app.core.memory.errors import InvalidInputError, MemoryDriverError, NotSupportedError
+from app.core.memory.errors import (
+    InvalidInputError,
+    MemoryDriverError,
+    NotSupportedError,
+    SchemaNotMigratedError,
+)
 from config.settings import SettingsError, get_settings, strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -78,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--exclude-tag", action="append", dest="exclude_tags",
                         help="must not carry (repeatable)")
     recall.add_argument("--keyword-only", action="store_true", help="no vector search")
+
+    listing = commands.add_parser("list", help="list a user's memories, newest first, a page "
+                                               "at a time")
+    listing.add_argument("user_id")
+    _add_scope_options(listing)
+    listing.add_argument("--tag", action="append", dest="tags", help="must carry (repeatable)")
+    listing.add_argument("--limit", type=int, default=20, help="memories per page")
+    listing.add_argument("--cursor", help="the next_cursor a previous page printed")
+    listing.add_argument("--include-deleted", action="store_true",
+                         help="soft-deleted memories too")
+
+    update = commands.add_parser("update", help="change a memory in place (only the options "
+                                                "given)")
+    update.add_argument("memory_id")
+    update.add_argument("--user", dest="user_id", help="act only on this user's memory")
+    update.add_argument("--content")
+    update.add_argument("--tag", action="append", dest="tags",
+                        help="replaces every tag (repeatable)")
+    update.add_argument("--metadata", type=_json_object, help="replaces it: a JSON object")
+    update.add_argument("--importance", type=float)
+    update.add_argument("--ttl", type=float, help="seconds from now until the memory expires")
+    update.add_argument("--clear-expiry", action="store_true", help="never expire")
 
     for verb, text in (("get", "show one memory"), ("delete", "soft-delete a memory"),
                        ("restore", "undo a soft delete")):
@@ -145,7 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(resumes an interrupted run)")
     reembed.add_argument("--model", help="default: MEMORY_EMBEDDING_MODEL")
     reembed.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
+    _accept_everywhere(parser, "--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON instead of text")
     return parser
+
+
+def _accept_everywhere(parser: argparse.ArgumentParser, *flag: str, **options: Any) -> None:
+    """Add an option to every subcommand too, so that it may come after the command's name.
+
+    With ``default=SUPPRESS`` a subcommand that is not given it leaves the value set before the
+    command untouched.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument(*flag, **options)
+                _accept_everywhere(sub, *flag, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = _copy(args)
         else:
             driver = get_memory_driver(args.driver)
+            _require_database(driver, args.command)
             _load_model_if_needed(driver, args)
             status = _dispatch(driver, args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
@@ -192,13 +237,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 #: Commands that embed text, so load the model first (``reembed`` loads its own).
-_EMBEDDING_COMMANDS = {"store", "recall", "knowledge", "demo"}
+_EMBEDDING_COMMANDS = {"store", "recall", "knowledge", "demo", "update"}
+
+
+def _require_database(driver: BaseMemoryDriver, command: str) -> None:
+    """Refuse, naming the full path, when the SQLite file does not exist: opening it would
+    create an empty file (a relative MEMORY_SQLITE_PATH run from another folder did just that).
+    ``health`` reports a missing file itself."""
+    path = getattr(driver, "path", None)
+    if driver.name != "sqlite" or not isinstance(path, Path) or command == "health" \
+            or path.exists():
+        return
+    setting = get_settings().sqlite_path
+    relative = "" if Path(setting).expanduser().is_absolute() else (
+        f", relative to the working directory {Path.cwd()}")
+    raise SchemaNotMigratedError(
+        f"no SQLite database at {path.resolve()} (MEMORY_SQLITE_PATH={setting}{relative}): "
+        "create it with `python migrate.py`, or set MEMORY_SQLITE_PATH to the existing file")
 
 
 def _load_model_if_needed(driver: BaseMemoryDriver, args: argparse.Namespace) -> None:
     """Load the embedding model now, so that a model that cannot load is named as such."""
     if args.command not in _EMBEDDING_COMMANDS or getattr(args, "keyword_only", False) or (
             args.command == "recall" and args.query is None) or (
+            args.command == "update" and args.content is None) or (
             args.command == "knowledge" and args.knowledge_command == "delete"):
         return
     if not hasattr(driver, "embedder"):  # the backend embeds on its side
@@ -243,6 +305,21 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         return _emit(args, memories, lambda: _memory_lines(memories))
     if command in ("get", "delete", "restore"):
         return _by_id(driver, args)
+    if command == "list":
+        page = driver.list_memories(
+            args.user_id, agent_id=args.agent_id, conversation_id=args.conversation_id,
+            namespace=args.namespace, tags=args.tags, include_deleted=args.include_deleted,
+            limit=args.limit, cursor=args.cursor)
+        return _emit(args, page, lambda: _memory_lines(page["items"]) + (
+            f"\nmore: --cursor {page['next_cursor']}" if page["next_cursor"] else ""))
+    if command == "update":
+        changed = driver.update(
+            args.memory_id, args.user_id, content=args.content, tags=args.tags,
+            metadata=args.metadata, importance=args.importance, ttl=args.ttl,
+            clear_expiry=args.clear_expiry)
+        if changed is None:
+            return _not_found(args, f"no memory {args.memory_id} to update")
+        return _emit(args, changed, lambda: f"updated {changed['id']}")
     if command == "knowledge":
         return _knowledge(driver, args)
     if command == "health":
@@ -290,7 +367,7 @@ def _knowledge(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         document = driver.store_global_knowledge(text, args.category, args.title, args.doc_id,
                                                  args.metadata)
         return _emit(args, document, lambda: f"stored {document['doc_id']} "
-                                             f"({document['chunk_count']} chunks)")
+                                             f"({_plural(document['chunk_count'], 'chunk')})")
     if args.knowledge_command == "search":
         found = driver.recall_global_knowledge(args.query, args.top_k, args.category)
         return _emit(args, found, lambda: "\n".join(
@@ -308,16 +385,24 @@ def _maintenance(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
     if args.command == "purge":
         retention = None if args.retention_days is None else timedelta(days=args.retention_days)
         removed = driver.purge(retention=retention)
-        return _emit(args, {"purged": removed}, lambda: f"purged {removed} memories")
-    if not args.yes and not _confirmed(
+        return _emit(args, {"purged": removed},
+                     lambda: f"purged {_plural(removed, 'memory', 'memories')}")
+    if driver.get_user(args.user_id) is None:
+        # Nothing visible to ask about; still erase, for leftovers no read shows (expired).
+        erased = driver.forget_user(args.user_id)
+        if not erased:
+            return _not_found(args, f"no user {args.user_id} was found: nothing was erased")
+    elif not args.yes and not _confirmed(
             f"Erase every memory, the profile and the record of user {args.user_id!r}? "
             "This cannot be undone. [y/N] "):
         print("error: not confirmed; nothing was erased (pass --yes to skip the question)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    erased = driver.forget_user(args.user_id)
+    else:
+        erased = driver.forget_user(args.user_id)
     return _emit(args, {"user_id": args.user_id, "erased_memories": erased},
-                 lambda: f"erased user {args.user_id} and {erased} memories")
+                 lambda: f"erased user {args.user_id} and "
+                         f"{_plural(erased, 'memory', 'memories')}")
 
 
 def _backup(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
@@ -447,8 +532,14 @@ def _progress_bar(description: str, unit: str, quiet: bool) -> Iterator[Any]:
 
 
 def _counted(counts: Any) -> str:
-    return ", ".join(f"{counts.get(kind, 0)} {kind.replace('_', ' ')}"
-                     for kind in transfer.PLURALS.values())
+    return ", ".join(_plural(counts.get(plural, 0), one.replace("_", " "),
+                             plural.replace("_", " "))
+                     for one, plural in transfer.PLURALS.items())
+
+
+def _plural(count: int, one: str, many: str | None = None) -> str:
+    """``1 chunk``, ``2 chunks``, ``0 memories``."""
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _confirmed(question: str) -> bool:
@@ -525,6 +616,10 @@ def _shorten(text: str, width: int = 100) -> str:
 
 def _read_source(name: str) -> str:
     if name == "-":
+        if sys.stdin.isatty():  # otherwise the command would seem to hang
+            print("reading the document from the terminal: type or paste it, then press "
+                  "Ctrl-D on a line of its own (or give a file: knowledge add FILE ...)",
+                  file=sys.stderr)
         return sys.stdin.read()
     try:
         with open(name, encoding="utf-8") as handle:

@@ -89,13 +89,13 @@ def test_export_from_sqlite_then_import_into_pgvector_recalls_the_same(
     dump = tmp_path / "dumps" / "memory.jsonl"
     exported = cli("export", "--output", str(dump), env=sqlite_env)
     assert exported.returncode == 0, exported.stderr
-    assert "exported 1 users, 34 memories, 1 knowledge documents" in exported.stdout
+    assert "exported 1 user, 34 memories, 1 knowledge document" in exported.stdout
 
     pg_env = {"MEMORY_DRIVER": "pgvector", "DATABASE_URL": empty_pg}
     for _ in range(2):  # the second import changes nothing: records keep their ids
         imported = cli("import", str(dump), env=pg_env)
         assert imported.returncode == 0, imported.stderr
-        assert "imported 1 users, 34 memories, 1 knowledge documents" in imported.stdout
+        assert "imported 1 user, 34 memories, 1 knowledge document" in imported.stdout
     target = PgvectorDriver(url=empty_pg, embedder=embedder)
     try:
         assert everything(target) == everything(source)
