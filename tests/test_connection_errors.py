@@ -5,6 +5,7 @@ still waits it out fails them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -77,3 +78,15 @@ def test_cli_prints_the_cause_once_without_pool_warnings(fault: str):
     assert done.stderr.count(words) == 1, done.stderr
     assert "error connecting in" not in done.stderr  # psycopg_pool's retry warnings
     assert "Traceback" not in done.stderr
+
+
+def test_a_failed_connection_is_logged_once_under_the_app_logger(caplog: pytest.LogCaptureFixture):
+    url, _, words = causes()["unknown role"]
+    driver = PgvectorDriver(url=url, embedder=WordHashEmbedder(), pool_timeout=SLOW_POOL)
+    with caplog.at_level(logging.DEBUG), pytest.raises(BackendUnavailableError):
+        driver.stats()
+    driver.close()
+    ours = [record for record in caplog.records if record.name.startswith("app.")]
+    assert len(ours) == 1 and words in ours[0].getMessage(), caplog.text
+    assert ours[0].levelno == logging.INFO  # the error itself is what the caller sees
+    assert not logging.getLogger("app").handlers  # the application decides where logs go

@@ -37,7 +37,7 @@ from tests.word_hash_embedder import WordHashEmbedder
 NASTY_TEXT = st.sampled_from([
     "", " ", "\x00", "a\x00b", "x" * 200_000, '" * - NEAR OR ( )', "'; DROP TABLE memories; --",
     "%s %(user_id)s {}", "\\", "\u202e\u0301\ufeff", "😀" * 50, "NEAR(a b)", "a:b", "*", "\n\t",
-    "alice", "bob", "carol", "\udcff",
+    "alice", "bob", "carol", "\udcff", "9999999999999999999", "²",
 ])
 
 
@@ -311,3 +311,11 @@ def test_dumped_records_are_checked_or_refused_never_crash(field: str, value: An
     if vector is not None:
         assert len(vector) == dimension and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
     assert 0 <= record["access_count"] < 2**31  # type: ignore[typeddict-item]
+
+
+@pytest.mark.parametrize("cursor", ["9999999999999999999", "²", "١٢", "-1", "1e3", " 1"])
+def test_a_cursor_that_was_never_issued_is_invalid_input(cursor: str):
+    from app.core.memory.validation import check_cursor
+
+    with pytest.raises(InvalidInputError, match="cursor"):
+        check_cursor(cursor)
