@@ -11,7 +11,7 @@ demo: install  ## install, migrate the SQLite file, store and recall with the re
 	$(PY) -m app demo
 
 install-dev:  ## everything the tests need: the package with its extras, PostgreSQL with pgvector
-	scripts/install.sh dev pgvector automem
+	scripts/install.sh dev pgvector automem service
 	scripts/install-postgres.sh
 
 test: install-dev  ## install what the tests need and run them

@@ -2,7 +2,9 @@
 
 Commands: ``migrate`` (default; run pending migrations as one batch), ``fresh`` (drop every table,
 migrate), ``rollback [--step N]`` (undo the last batch, or the last N migrations), ``reset`` (undo
-every migration), ``refresh`` (reset, then migrate), ``status`` (ran and pending).
+every migration), ``refresh`` (reset, then migrate), ``status`` (ran and pending, and whether
+the tables of the ran ones exist: exit status 1 if not). ``fresh``, ``rollback`` and ``reset``
+are all-or-nothing.
 ``--database`` defaults to ``MEMORY_DRIVER``: ``sqlite`` migrates ``MEMORY_SQLITE_PATH`` (or
 ``--path``), ``pgvector`` migrates ``DATABASE_URL`` (created if it does not exist yet), ``automem``
 has nothing to migrate. In ``APP_ENV=production`` the destructive commands
@@ -159,7 +161,13 @@ def _run(migrator: Migrator, args: argparse.Namespace) -> int:
         width = max((len(row.name) for row in rows), default=0)
         for row in rows:
             state = f"Ran (batch {row.batch})" if row.ran else "Pending"
+            if row.missing:
+                state += f", but its tables are missing: {', '.join(row.missing)}"
             print(f"{row.name.ljust(width)}  {state}")
+        damage = migrator.damage()
+        if damage is not None:
+            print(f"error: {damage}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "rollback":
         migrator.rollback(step=args.step, pretend=args.pretend)

@@ -1,14 +1,15 @@
 """The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
 
 Commands: store, recall, list, get, update, delete, restore, knowledge add|search|delete, health,
-stats, users create|show, demo, and the maintenance commands backup, purge, forget-user, export,
-import, copy, reembed. Output is for people by default (progress bars on stderr); ``--json``
-(before or after the command) prints one JSON document instead. With the SQLite driver no
-command creates the database file: one that does not exist is an error naming the full path and
-``python migrate.py``. Exit status: 0 success; 1 not found, backend down, a failed
-check or records refused; 2 bad input (arguments, an environment value, a path that cannot be
-used, a damaged file, an embedding model that is not installed). No traceback reaches the user:
-an error nobody foresaw is one line too (``--traceback`` shows where it came from).
+stats, users create|show, demo, the maintenance commands backup, purge, forget-user, export,
+import, copy, reembed, and the service's serve, mcp, keys create|list|revoke. Output is for
+people by default (progress bars on stderr); ``--json`` (before or after the command) prints one
+JSON document instead. With the SQLite driver no command creates the database file: one that
+does not exist is an error naming the full path and ``python migrate.py``. Exit status: 0
+success; 1 not found, backend down, a failed check or records refused; 2 bad input (arguments,
+an environment value, a path that cannot be used, a damaged file, an embedding model that is not
+installed). No traceback reaches the user: an error nobody foresaw is one line too
+(``--traceback`` shows where it came from).
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(resumes an interrupted run)")
     reembed.add_argument("--model", help="default: MEMORY_EMBEDDING_MODEL")
     reembed.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
+    _add_service_commands(commands)
     _accept_everywhere(parser, "--json", action="store_true", default=argparse.SUPPRESS,
                        help="print JSON instead of text")
     return parser
@@ -192,11 +194,30 @@ def _accept_everywhere(parser: argparse.ArgumentParser, *flag: str, **options: A
                 _accept_everywhere(sub, *flag, **options)
 
 
+# -- the service: serve, mcp, keys (app/service/commands.py) ----------------------------------
+SERVICE_COMMANDS = ("serve", "mcp", "keys")
+
+
+def _add_service_commands(commands: Any) -> None:
+    from app.service.commands import add_commands
+
+    add_commands(commands)
+
+
+def _service(args: argparse.Namespace) -> int:
+    from app.service.commands import run
+
+    return run(args)
+# -- end of the service block -------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "copy":
             status = _copy(args)
+        elif args.command in SERVICE_COMMANDS:
+            status = _service(args)
         else:
             driver = get_memory_driver(args.driver)
             _require_database(driver, args.command)
@@ -459,8 +480,7 @@ def _import(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
     try:
         # A quick first pass counts the lines, so that the progress bar can show how far along
         # the import is (a pipe on stdin gets a bar without a total instead).
-        with open(args.file, encoding="utf-8") as counting:
-            total = sum(1 for _ in counting)
+        total = transfer.count_lines(args.file)  # a chunk at a time: lines may be huge
         with open(args.file, encoding="utf-8") as lines:
             return _import_lines(driver, args, lines, total=total)
     except (OSError, UnicodeDecodeError) as exc:

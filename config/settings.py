@@ -42,11 +42,25 @@ class Settings:
     automem_read_timeout: float = 25.0
     automem_max_tries: int = 3
     automem_backoff_seconds: float = 0.5
+    automem_enrichment_window: float = 0.5
+    automem_batch_size: int = 100
+    automem_content_soft_limit: int = 500
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
+    #: The SQLite vector cache's budget in bytes, overheads included; 0: the bytes of
+    #: ``vector_cache_max_vectors`` vectors of the model's size.
+    vector_cache_max_bytes: int = 0
     soft_delete_retention_days: float = 30.0
+    async_workers: int = 8
+    async_embed_in_process: bool = False
+    # -- the service (``python -m app serve``) --
+    keys_database: str = ""
+    service_host: str = "127.0.0.1"
+    service_port: int = 8080
+    service_max_body_bytes: int = 1_048_576
+    service_graceful_timeout: float = 30.0
 
     @property
     def is_production(self) -> bool:
@@ -74,6 +88,18 @@ class Settings:
                 raise SettingsError(f"{name} must not be negative (got {raw!r})")
             return value
 
+        def flag(name: str, default: bool) -> bool:
+            raw = source.get(name, "").strip().lower()
+            if not raw:
+                return default
+            if raw in ("true", "yes", "on"):
+                return True
+            if raw in ("false", "no", "off"):
+                return False
+            if raw.isdigit():  # 1 / 0, as shell scripts write them
+                return int(raw) != 0
+            raise SettingsError(f"{name} must be true or false (got {raw!r})")
+
         return cls(
             app_env=text("APP_ENV", defaults.app_env),
             memory_driver=text("MEMORY_DRIVER", defaults.memory_driver).lower(),
@@ -100,6 +126,12 @@ class Settings:
             automem_max_tries=int(number("AUTOMEM_MAX_TRIES", defaults.automem_max_tries)) or 1,
             automem_backoff_seconds=float(number("AUTOMEM_BACKOFF_SECONDS",
                                                  defaults.automem_backoff_seconds, float)),
+            automem_enrichment_window=float(number("AUTOMEM_ENRICHMENT_WINDOW",
+                                                   defaults.automem_enrichment_window, float)),
+            automem_batch_size=int(number("AUTOMEM_BATCH_SIZE", defaults.automem_batch_size))
+            or 1,
+            automem_content_soft_limit=int(number("AUTOMEM_CONTENT_SOFT_LIMIT",
+                                                  defaults.automem_content_soft_limit)) or 500,
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
             embedding_batch_size=int(
                 number("MEMORY_EMBEDDING_BATCH_SIZE", defaults.embedding_batch_size)
@@ -108,10 +140,23 @@ class Settings:
             vector_cache_max_vectors=int(
                 number("MEMORY_VECTOR_CACHE_MAX_VECTORS", defaults.vector_cache_max_vectors)
             ),
+            vector_cache_max_bytes=int(
+                number("MEMORY_VECTOR_CACHE_MAX_BYTES", defaults.vector_cache_max_bytes)
+            ),
             soft_delete_retention_days=float(
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
                        float)
             ),
+            async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
+            async_embed_in_process=flag("MEMORY_ASYNC_EMBED_IN_PROCESS",
+                                        defaults.async_embed_in_process),
+            keys_database=text("MEMORY_KEYS_DATABASE", defaults.keys_database).lower(),
+            service_host=text("MEMORY_SERVICE_HOST", defaults.service_host),
+            service_port=int(number("MEMORY_SERVICE_PORT", defaults.service_port)),
+            service_max_body_bytes=int(
+                number("MEMORY_SERVICE_MAX_BODY_BYTES", defaults.service_max_body_bytes)) or 1,
+            service_graceful_timeout=float(number("MEMORY_SERVICE_GRACEFUL_TIMEOUT",
+                                                  defaults.service_graceful_timeout, float)),
         )
 
     def __repr__(self) -> str:

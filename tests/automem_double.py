@@ -13,17 +13,46 @@ always answers 200. Ranking is by keyword overlap then importance, as the real s
 its placeholder embedder (every text matches every memory about equally).
 
 Faults, for the fault tests: ``fail_next(n, status)`` (n 5xx answers), ``garbage_next(n)`` (n
-unreadable bodies), ``hang_seconds`` (sleep before answering), ``leak_other_scopes`` (recall also
-returns memories outside the asked tags, as ``scope_fallback`` can).
+unreadable bodies), ``non_object_next(n, value)`` (n answers of JSON that is not an object, such
+as ``[]`` or ``"ok"``), ``hang_seconds`` (sleep before answering), ``leak_other_scopes`` (recall
+also returns memories outside the asked tags, as ``scope_fallback`` can), ``graph_down`` (every
+call but ``/health`` answers 500 while ``/health`` still says healthy).
+
+What the real server does that a client must survive (``AUTOMEM_API.md``, the section of that
+name), each switchable and (but for the two tag rules below) off by default; ``realistic()``
+turns them all on with delays short enough for tests:
+
+- ``enrichment_seconds``: every new memory is enriched by a background job that snapshots its
+  tags and metadata at once and writes them back (plus an ``entity:`` tag and a metadata key)
+  that many seconds later, undoing any tags/metadata PATCH made meanwhile.
+- ``embedding_queue_seconds``: ``POST /memory`` answers ``"qdrant": "queued"`` and the vector is
+  written that much later, from the text as it was at the store (so a content PATCH meanwhile
+  ends with the old text's vector); ``POST /memory/batch`` embeds before it answers.
+- ``embedding_model``: ranks by a stand-in for meaning. A memory's vector is the set of its
+  words' first four letters ("preferences" matches "prefers"); a memory with no vector yet can
+  only be found by its exact words. Without it, every memory matches every query about equally
+  (the placeholder provider).
+- ``prefix_exclude``: ``exclude_tags`` drops a memory having a tag that starts with one of them.
+- ``case_insensitive_tags`` and ``recall_limit_cap`` (100) are on by default, as the server has
+  them (the double was written with them); switch them off to see a test depend on them.
+- ``batch_seconds_per_item``: a batch takes that long per item before it is stored; the server
+  finishes it even after the client gave up.
+- ``summarise_over``: content longer than that is replaced by a short "summary" on store (and
+  on a content PATCH too with ``summarise_patches``, which the issue did not observe).
+- ``after_recall``: called with the ids a recall answered, after answering (another client can
+  delete one before the driver's next request); ``max_concurrent_patches`` records how many
+  PATCHes were ever served at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -66,6 +95,37 @@ class AutomemDouble:
         self.leak_other_scopes = False
         self.health_status = "healthy"
         self.server: ThreadingHTTPServer | None = None
+        self.non_object: list[Any] = []
+        self.graph_down = False
+        self.enrichment_seconds: float | None = None
+        self.embedding_queue_seconds: float | None = None
+        self.embedding_model = False
+        self.prefix_exclude = False
+        self.case_insensitive_tags = True
+        self.recall_limit_cap = 100
+        self.batch_seconds_per_item = 0.0
+        self.summarise_over: int | None = None
+        self.summarise_patches = False
+        self.after_recall: Callable[[list[str]], None] | None = None
+        self.max_concurrent_patches = 0
+        self._patches_in_flight = 0
+        self._pending_jobs = 0
+        self._queued_vectors = 0
+        self._timers: list[threading.Timer] = []
+
+    @classmethod
+    def realistic(cls, token: str | None = "test-token", *, enrichment_seconds: float = 0.05,
+                  embedding_queue_seconds: float = 0.1,
+                  batch_seconds_per_item: float = 0.0005) -> AutomemDouble:
+        """A double with every behaviour of the real server switched on (short delays)."""
+        double = cls(token)
+        double.enrichment_seconds = enrichment_seconds
+        double.embedding_queue_seconds = embedding_queue_seconds
+        double.embedding_model = True
+        double.prefix_exclude = True
+        double.batch_seconds_per_item = batch_seconds_per_item
+        double.summarise_over = 500
+        return double
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -94,6 +154,8 @@ class AutomemDouble:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -103,6 +165,30 @@ class AutomemDouble:
 
     def garbage_next(self, count: int) -> None:
         self.garbage = count
+
+    def non_object_next(self, count: int, value: Any = ()) -> None:
+        """The next ``count`` answers are 200 with ``value`` (default ``[]``) as the JSON body."""
+        self.non_object = [list(value) if isinstance(value, tuple) else value] * count
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every background job (enrichment, queued embedding) has run."""
+        deadline = time.monotonic() + timeout
+        while self._pending_jobs and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _later(self, seconds: float, job: Callable[[], None]) -> None:
+        def run() -> None:
+            with self.lock:
+                try:
+                    job()
+                finally:
+                    self._pending_jobs -= 1
+
+        self._pending_jobs += 1
+        timer = threading.Timer(seconds, run)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -120,14 +206,36 @@ class AutomemDouble:
                 self.garbage -= 1
                 self._send(request, 200, b"<html>proxy error</html>", raw=True)
                 return
+            if self.non_object:
+                self._send(request, 200, self.non_object.pop(0))
+                return
             if url.path == "/health" and method == "GET":
                 self._send(request, 200, self.health())
                 return
             self._authorise(request, query)
+            if self.graph_down:
+                raise HttpError(500, "Failed to fetch memory")
             length = int(request.headers.get("Content-Length") or 0)
             body = json.loads(request.rfile.read(length) or b"{}") if length else {}
-            status, answer = self.route(method, url.path, query, body)
+            if url.path == "/memory/batch" and self.batch_seconds_per_item:
+                items = body.get("memories") if isinstance(body, dict) else None
+                time.sleep(self.batch_seconds_per_item * len(items or []))
+            patching = method == "PATCH"
+            if patching:
+                with self.lock:
+                    self._patches_in_flight += 1
+                    self.max_concurrent_patches = max(self.max_concurrent_patches,
+                                                      self._patches_in_flight)
+                time.sleep(0.005)  # long enough for concurrent PATCHes to overlap
+            try:
+                status, answer = self.route(method, url.path, query, body)
+            finally:
+                if patching:
+                    with self.lock:
+                        self._patches_in_flight -= 1
             self._send(request, status, answer)
+            if url.path == "/recall" and self.after_recall is not None:
+                self.after_recall([result["id"] for result in answer["results"]])
         except HttpError as error:
             self._send(request, error.code,
                        {"status": "error", "code": error.code, "message": error.message})
@@ -145,11 +253,14 @@ class AutomemDouble:
     def _send(self, request: BaseHTTPRequestHandler, status: int, body: Any,
               raw: bool = False) -> None:
         data = body if raw else json.dumps(body).encode()
-        request.send_response(status)
-        request.send_header("Content-Type", "text/html" if raw else "application/json")
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
+        # A client that gave up (a timeout) gets nothing; what was done stays done, as on the
+        # real server.
+        with contextlib.suppress(OSError):
+            request.send_response(status)
+            request.send_header("Content-Type", "text/html" if raw else "application/json")
+            request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            request.wfile.write(data)
 
     def route(self, method: str, path: str, query: dict[str, list[str]],
               body: dict[str, Any]) -> tuple[int, Any]:
@@ -157,9 +268,21 @@ class AutomemDouble:
             if path == "/memory" and method == "POST":
                 memory_id = self._create(body)
                 stored = self.memories[memory_id]
+                queued = self.embedding_queue_seconds is not None
+                if queued:
+                    stored["vector_text"] = None
+                    text = stored["content"]
+
+                    def embed() -> None:
+                        self._queued_vectors -= 1
+                        if memory_id in self.memories:  # the old text's vector, over any newer
+                            self.memories[memory_id]["vector_text"] = text
+
+                    self._queued_vectors += 1
+                    self._later(self.embedding_queue_seconds or 0.0, embed)
                 return 201, {"status": "success", "memory_id": memory_id,
                              "timestamp": stored["timestamp"], "updated_at": stored["updated_at"],
-                             "type": stored["type"], "qdrant": "unconfigured"}
+                             "type": stored["type"], "qdrant": "queued" if queued else "stored"}
             if path == "/memory/batch" and method == "POST":
                 items = body.get("memories")
                 if not isinstance(items, list) or not 1 <= len(items) <= 500:
@@ -182,8 +305,12 @@ class AutomemDouble:
     # -- endpoints -------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        return {"status": self.health_status, "falkordb": "connected",
-                "qdrant": "disconnected", "memory_count": len(self.memories),
+        status = self.health_status
+        if status == "healthy" and self._queued_vectors:
+            status = "degraded"  # the real server says so while vectors are queued
+        return {"status": status, "falkordb": "connected",
+                "qdrant": "connected" if self.embedding_model else "disconnected",
+                "memory_count": None if self.graph_down else len(self.memories),
                 "vector_count": 0, "timestamp": _iso(_now())}
 
     def _check_memory(self, item: dict[str, Any]) -> None:
@@ -205,11 +332,28 @@ class AutomemDouble:
         self._check_memory(item)
         memory_id = str(uuid.uuid4())
         now = _iso(_now())
-        # The server enriches what it stores: an entity tag and a metadata key of its own.
+        content = self._summarised(item["content"])
+        tags = list(item.get("tags", []))
+        metadata = dict(item.get("metadata", {}))
+        if self.enrichment_seconds is None:
+            # The server enriches what it stores: an entity tag and a metadata key of its own.
+            tags.append("entity:enriched")
+            metadata["enriched_by"] = "double"
+        else:
+            snapshot = json.loads(json.dumps({"tags": tags, "metadata": metadata}))
+
+            def enrich() -> None:  # writes back what it read at the store, over any PATCH
+                if memory_id in self.memories:
+                    self.memories[memory_id]["tags"] = snapshot["tags"] + ["entity:enriched"]
+                    self.memories[memory_id]["metadata"] = {**snapshot["metadata"],
+                                                           "enriched_by": "double"}
+
+            self._later(self.enrichment_seconds, enrich)
         self.memories[memory_id] = {
             "id": memory_id,
-            "content": item["content"],
-            "tags": list(item.get("tags", [])) + ["entity:enriched"],
+            "content": content,
+            "vector_text": content,
+            "tags": tags,
             "importance": float(item.get("importance", 0.5)),
             "type": item.get("type", "Context"),
             "confidence": item.get("confidence", 0.9),
@@ -218,7 +362,7 @@ class AutomemDouble:
             "last_accessed": now,
             "t_valid": item.get("t_valid"),
             "t_invalid": _iso(_parse_time(item["t_invalid"])) if item.get("t_invalid") else None,
-            "metadata": {**item.get("metadata", {}), "enriched_by": "double"},
+            "metadata": metadata,
         }
         return memory_id
 
@@ -241,15 +385,20 @@ class AutomemDouble:
                 raise HttpError(400, f"unknown fields: {sorted(unknown)}")
             if "content" in body:
                 self._check_memory({**stored, **body})
+                if self.summarise_patches:
+                    body = {**body, "content": self._summarised(body["content"])}
             for field, value in body.items():
                 stored[field] = value  # metadata replaces; updated_at moves only when sent
+            if "content" in body:
+                stored["vector_text"] = body["content"]  # a PATCH embeds before it answers
             return {"status": "success", "memory_id": memory_id}
         raise HttpError(405, "Method not allowed")
 
     def _by_tag(self, method: str, query: dict[str, list[str]]) -> dict[str, Any]:
-        wanted = {tag.lower() for tag in query.get("tags", [])}
+        fold = self._fold
+        wanted = {fold(tag) for tag in query.get("tags", [])}
         found = [m for m in self.memories.values()
-                 if wanted & {tag.lower() for tag in m["tags"]}]
+                 if wanted & {fold(tag) for tag in m["tags"]}]
         if method == "DELETE":
             for memory in found:
                 del self.memories[memory["id"]]
@@ -264,16 +413,17 @@ class AutomemDouble:
                 "count": len(page), "has_more": offset + limit < len(found)}
 
     def _recall(self, query: dict[str, list[str]]) -> dict[str, Any]:
-        limit = min(100, int((query.get("limit") or ["5"])[0]))
+        limit = min(self.recall_limit_cap, int((query.get("limit") or ["5"])[0]))
         text = (query.get("query") or [""])[0]
-        tags = [tag.lower() for tag in query.get("tags", [])]
+        fold = self._fold
+        tags = [fold(tag) for tag in query.get("tags", [])]
         mode = (query.get("tag_mode") or ["any"])[0]
         exact = (query.get("tag_match") or ["prefix"])[0] == "exact"
-        excluded = {t.lower() for raw in query.get("exclude_tags", []) for t in raw.split(",")}
+        excluded = {fold(t) for raw in query.get("exclude_tags", []) for t in raw.split(",")}
         now = _now()
 
         def carries(memory: dict[str, Any], tag: str) -> bool:
-            own = [t.lower() for t in memory["tags"]]
+            own = [fold(t) for t in memory["tags"]]
             return tag in own if exact else any(t.startswith(tag) for t in own)
 
         def in_scope(memory: dict[str, Any]) -> bool:
@@ -281,21 +431,42 @@ class AutomemDouble:
                 hits = [carries(memory, tag) for tag in tags]
                 if not (all(hits) if mode == "all" else any(hits)):
                     return False
-            return not excluded & {t.lower() for t in memory["tags"]}
+            own = {fold(t) for t in memory["tags"]}
+            if self.prefix_exclude:
+                return not any(t.startswith(x) for t in own for x in excluded)
+            return not excluded & own
 
         def current(memory: dict[str, Any]) -> bool:
             if memory["t_invalid"] and _parse_time(memory["t_invalid"]) <= now:
                 return False
+            if memory.get("t_valid") and _parse_time(memory["t_valid"]) > now:
+                return False
             return _parse_time(memory["timestamp"]) <= now
 
-        chosen = [m for m in self.memories.values() if current(m) and
-                  (in_scope(m) or self.leak_other_scopes)]
         words = {w.lower() for w in WORD.findall(text)}
+        stems = {w[:4] for w in words}
+
+        def keyword(memory: dict[str, Any]) -> float:
+            own = {w.lower() for w in WORD.findall(memory["content"])}
+            return len(words & own) / len(words) if words else 0.0
+
+        def meaning(memory: dict[str, Any]) -> float:
+            vector = {w.lower()[:4] for w in WORD.findall(memory["vector_text"] or "")}
+            return len(stems & vector) / len(stems) if stems else 0.0
+
+        def findable(memory: dict[str, Any]) -> bool:
+            # With a model, a memory is found through its vector, or else by its exact words.
+            return (not self.embedding_model or not words or memory["vector_text"] is not None
+                    or keyword(memory) > 0)
+
+        chosen = [m for m in self.memories.values() if current(m) and findable(m) and
+                  (in_scope(m) or self.leak_other_scopes)]
 
         def score(memory: dict[str, Any]) -> float:
-            own = {w.lower() for w in WORD.findall(memory["content"])}
-            overlap = len(words & own) / len(words) if words else 0.0
-            return round(0.7 * overlap + 0.3 * memory["importance"], 6)
+            if self.embedding_model:
+                return round(0.5 * meaning(memory) + 0.3 * keyword(memory)
+                             + 0.2 * memory["importance"], 6)
+            return round(0.7 * keyword(memory) + 0.3 * memory["importance"], 6)
 
         sort = (query.get("sort") or ["score"])[0]
         if sort == "time_asc":
@@ -317,7 +488,16 @@ class AutomemDouble:
                             "source": source, "memory": public, "score_components": {}})
         return {"status": "success", "results": results, "count": len(results)}
 
+    def _summarised(self, content: str) -> str:
+        if self.summarise_over is not None and len(content) > self.summarise_over:
+            return "Summary: " + " ".join(content.split()[:12])
+        return content
+
+    def _fold(self, tag: str) -> str:
+        return tag.lower() if self.case_insensitive_tags else tag
+
     def _public(self, memory: dict[str, Any]) -> dict[str, Any]:
         public = json.loads(json.dumps(memory))
+        del public["vector_text"]
         public["tag_prefixes"] = sorted({tag.split(":")[0] for tag in memory["tags"]})
         return public

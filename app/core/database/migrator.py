@@ -9,6 +9,13 @@ One ``migrate`` run is one batch; ``rollback`` undoes the last batch (or the las
 migrations); ``fresh`` drops every table instead of calling ``down()``. A lock held for the whole
 run keeps two runs from interleaving: the second waits, then finds nothing left to do.
 
+``fresh``, ``rollback`` and ``reset`` are all-or-nothing: both databases have transactional DDL,
+so the whole command is one transaction (each migration a savepoint in it), and an interruption
+(lock contention, a failing ``down()``, a kill) leaves the schema as it was. ``status`` and
+``migrate`` compare the log with the tables that exist: a migration logged as run whose tables
+are missing, or tables with no migration logged, is reported as damage (with the way out,
+``fresh``), never as "Nothing to migrate".
+
 Backends plug in through ``MigrationDatabase``: ``SqliteMigrationDatabase`` here,
 ``PostgresMigrationDatabase`` in ``postgres_migration.py``.
 """
@@ -68,17 +75,27 @@ class MigrationDatabase(Protocol):
     def drop_all_tables(self, execute: Callable[[str], Any]) -> None:
         """Drop every table (through ``execute``, so that it can be pretended)."""
 
+    def table_names(self) -> set[str]:
+        """The tables that exist (shadow tables of virtual tables excluded)."""
+
     def close(self) -> None:
         """Close the connection."""
 
 
 @dataclass(frozen=True)
 class MigrationStatus:
-    """One migration file and whether (and in which batch) it ran."""
+    """One migration file and whether (and in which batch) it ran; ``missing``: tables a ran
+    migration created that do not exist (the schema is damaged)."""
 
     name: str
     ran: bool
     batch: int | None
+    missing: tuple[str, ...] = ()
+
+
+_CREATED_TABLE = re.compile(
+    r"CREATE\s+(?:VIRTUAL\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?\"?(\w+)\"?", re.IGNORECASE)
+_DROPPED_TABLE = re.compile(r"DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?\"?(\w+)\"?", re.IGNORECASE)
 
 
 class Migrator:
@@ -115,12 +132,30 @@ class Migrator:
         return [name for name in self.files() if name not in done]
 
     def status(self) -> list[MigrationStatus]:
-        """Every migration file, and every logged migration whose file is gone."""
+        """Every migration file, and every logged migration whose file is gone, with the tables
+        each ran migration should have left that do not exist."""
         done = self.ran()
-        rows = [MigrationStatus(name, name in done, done.get(name)) for name in self.files()]
+        expected = self._expected_tables(done)
+        existing = self.db.table_names()
+        rows = [MigrationStatus(name, name in done, done.get(name),
+                                tuple(sorted(expected.get(name, set()) - existing)))
+                for name in self.files()]
         rows += [MigrationStatus(name, True, batch) for name, batch in done.items()
                  if name not in {row.name for row in rows}]
         return rows
+
+    def damage(self) -> str | None:
+        """What is wrong with the schema as it exists against the log, or ``None``."""
+        missing = sorted({table for row in self.status() for table in row.missing})
+        if missing:
+            return (f"tables of migrations logged as run are missing ({', '.join(missing)}): "
+                    "the schema is damaged; `migrate.py fresh` rebuilds it (data is lost)")
+        if not self.ran():
+            strays = sorted(self.db.table_names() - {"migrations"})
+            if strays:
+                return (f"tables exist that no logged migration created ({', '.join(strays)}): "
+                        "`migrate.py fresh` rebuilds the schema (data is lost)")
+        return None
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -131,6 +166,9 @@ class Migrator:
                 self.db.ensure_migrations_table()
             pending = self.pending()
             if not pending:
+                damage = self.damage()
+                if damage is not None:
+                    raise MigrationError(damage)
                 self.out("Nothing to migrate.")
                 return []
             batch = max(self.ran().values(), default=0) + 1
@@ -150,7 +188,7 @@ class Migrator:
             return self._roll_back(targets, pretend=pretend)
 
     def reset(self, *, pretend: bool = False) -> list[str]:
-        """Undo every migration, newest first."""
+        """Undo every migration, newest first, all or nothing."""
         with self.db.lock():
             return self._roll_back(list(reversed(list(self.ran()))), pretend=pretend)
 
@@ -160,19 +198,23 @@ class Migrator:
         return self.migrate(pretend=pretend)
 
     def fresh(self, *, pretend: bool = False) -> list[str]:
-        """Drop every table (data included, ``down()`` not called), then ``migrate``."""
-        with self.db.lock():
-            if pretend:
-                self.db.drop_all_tables(lambda sql: self.out(f"  {sql}"))
-            else:
-                self.db.drop_all_tables(self.db.execute)
-                self.out("Dropped all tables.")
+        """Drop every table (data included, ``down()`` not called), then migrate every file as
+        batch 1: one transaction, so an interrupted ``fresh`` leaves the old schema whole."""
         if pretend:
+            with self.db.lock():
+                self.db.drop_all_tables(lambda sql: self.out(f"  {sql}"))
             # Pretending on top of the undropped schema would print "nothing to migrate".
             for name in self.files():
                 self._run(name, "up", pretend=True, log_batch=1)
             return self.files()
-        return self.migrate()
+        names = self.files()
+        with self.db.lock(), self.db.transaction():
+            self.db.drop_all_tables(self.db.execute)
+            self.out("Dropped all tables.")
+            self.db.ensure_migrations_table()
+            for name in names:
+                self._run(name, "up", pretend=False, log_batch=1)
+        return names
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -184,8 +226,33 @@ class Migrator:
         for name in names:
             if name not in available:
                 raise MigrationError(f"cannot roll back {name}: its file is missing")
-            self._run(name, "down", pretend=pretend, log_batch=None)
+        if pretend:
+            for name in names:
+                self._run(name, "down", pretend=True, log_batch=None)
+            return names
+        try:
+            with self.db.transaction():
+                for name in names:
+                    self._run(name, "down", pretend=False, log_batch=None)
+        except MigrationError as exc:
+            raise MigrationError(f"{exc}; nothing was rolled back") from exc
         return names
+
+    def _expected_tables(self, done: dict[str, int]) -> dict[str, set[str]]:
+        """For each ran migration, the tables its ``up()`` creates that no later ran migration
+        drops (read from the SQL its ``up()`` would run, as ``--pretend`` prints it)."""
+        expected: dict[str, set[str]] = {}
+        available = set(self.files())
+        for name in sorted(done):
+            if name not in available:
+                continue
+            statements: list[str] = []
+            self._load(name).up(_PretendDatabase(statements.append))
+            sql = "\n".join(statements)
+            for tables in expected.values():
+                tables -= {match.lower() for match in _DROPPED_TABLE.findall(sql)}
+            expected[name] = {match.lower() for match in _CREATED_TABLE.findall(sql)}
+        return expected
 
     def _run(self, name: str, direction: str, *, pretend: bool, log_batch: int | None) -> None:
         module = self._load(name)
@@ -238,6 +305,7 @@ class SqliteMigrationDatabase:
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = str(path)
         self.connection = open_sqlite(self.path, busy_timeout_ms=busy_timeout_ms)
+        self._depth = 0
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return self.connection.execute(sql, tuple(params))
@@ -255,13 +323,39 @@ class SqliteMigrationDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        self.connection.execute("BEGIN IMMEDIATE")
+        """A transaction, or a savepoint inside the one already open (``fresh`` and ``rollback``
+        run their migrations inside one). Foreign keys are off for the outermost one (the pragma
+        cannot change inside a transaction) and checked before it commits, the way SQLite's
+        documentation says to change a schema."""
+        if self.connection.in_transaction:
+            self._depth += 1
+            savepoint = f"migration_{self._depth}"
+            self.connection.execute(f"SAVEPOINT {savepoint}")
+            try:
+                yield
+            except BaseException:
+                self.connection.execute(f"ROLLBACK TO {savepoint}")
+                self.connection.execute(f"RELEASE {savepoint}")
+                raise
+            finally:
+                self._depth -= 1
+            self.connection.execute(f"RELEASE {savepoint}")
+            return
+        self.connection.execute("PRAGMA foreign_keys = OFF")
         try:
-            yield
-        except BaseException:
-            self.connection.execute("ROLLBACK")
-            raise
-        self.connection.execute("COMMIT")
+            self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                broken = self.connection.execute("PRAGMA foreign_key_check").fetchone()
+                if broken is not None:
+                    raise MigrationError(f"foreign key check failed in table {broken[0]}")
+                self.connection.execute("COMMIT")
+            except BaseException:
+                if self.connection.in_transaction:
+                    self.connection.execute("ROLLBACK")
+                raise
+        finally:
+            self.connection.execute("PRAGMA foreign_keys = ON")
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -300,12 +394,18 @@ class SqliteMigrationDatabase:
                    if any(name.startswith(f"{table}_") for table in virtual)}
         ordered = sorted(virtual) + sorted(name for name, _ in rows
                                            if name not in virtual and name not in shadows)
-        self.connection.execute("PRAGMA foreign_keys = OFF")
-        try:
-            for name in ordered:
-                execute(f'DROP TABLE IF EXISTS "{name}"')
-        finally:
-            self.connection.execute("PRAGMA foreign_keys = ON")
+        # Foreign keys are off: run inside ``transaction()`` (fresh does), so that the implicit
+        # DELETE of each DROP checks no references.
+        for name in ordered:
+            execute(f'DROP TABLE IF EXISTS "{name}"')
+
+    def table_names(self) -> set[str]:
+        rows = self.connection.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+        virtual = {name for name, sql in rows if (sql or "").upper().startswith("CREATE VIRTUAL")}
+        return {name.lower() for name, _ in rows
+                if not any(name.startswith(f"{table}_") for table in virtual)}
 
     def close(self) -> None:
         self.connection.close()

@@ -60,6 +60,8 @@ class PostgresMigrationDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
+        """A transaction, or a savepoint inside the one already open (``fresh`` and
+        ``rollback`` run their migrations inside one: PostgreSQL's DDL is transactional)."""
         with self.connection.transaction():
             yield
 
@@ -91,6 +93,10 @@ class PostgresMigrationDatabase:
         for name in tables:
             statement = sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(name))
             execute(statement.as_string(self.connection))
+
+    def table_names(self) -> set[str]:
+        return {name.lower() for (name,) in self.connection.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
 
     def close(self) -> None:
         self.connection.close()

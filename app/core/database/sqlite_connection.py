@@ -10,25 +10,36 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 MEMORY_DATABASE = ":memory:"
 
 
-def open_sqlite(path: str | Path, *, busy_timeout_ms: int = 5_000) -> sqlite3.Connection:
-    """Open (creating the file and its folder if needed) a configured connection to ``path``.
+def open_sqlite(path: str | Path, *, busy_timeout_ms: int = 5_000,
+                create: bool = True) -> sqlite3.Connection:
+    """Open a configured connection to ``path``.
 
+    With ``create`` (the migrator's, backup's way) a missing file and its folder are made; without
+    it (the driver's way) a missing file is an ``sqlite3.OperationalError``, so that a database
+    deleted under a running program is never silently replaced by a new, empty one.
     The connection may be closed from another thread (``check_same_thread=False``) but must be
     used by one thread at a time.
     """
     location = str(path)
+    uri = False
     if location != MEMORY_DATABASE:
-        Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        location = str(Path(location).expanduser())
+        resolved = Path(location).expanduser()
+        if create:
+            resolved.parent.mkdir(parents=True, exist_ok=True)
+            location = str(resolved)
+        else:
+            location, uri = f"file:{quote(str(resolved))}?mode=rw", True
     connection = sqlite3.connect(
-        location, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        location, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False,
+        uri=uri,
     )
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    if location != MEMORY_DATABASE:
+    if str(path) != MEMORY_DATABASE:
         _enable_wal(connection, busy_timeout_ms)
     connection.execute("PRAGMA foreign_keys = ON")
     connection.execute("PRAGMA synchronous = NORMAL")

@@ -6,9 +6,17 @@
     driver.store(user_id="u123", content="Prefers dark mode", tags=["preference"])
     driver.recall(user_id="u123", query="ui preferences", top_k=5)
 
+Asyncio code uses the same contract as coroutines, without blocking the event loop:
+
+    from app.core.memory import get_async_memory_driver
+
+    memory = get_async_memory_driver()
+    hits = await memory.recall(user_id="u123", query="ui preferences", top_k=5)
+
 Nothing here imports a driver's backend library or the embedding model; both load on first use.
 """
 
+from app.core.memory.aio import AsyncMemoryDriver, get_async_memory_driver
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.errors import (
     BackendUnavailableError,
@@ -33,6 +41,7 @@ from app.core.memory.records import (
 )
 
 __all__ = [
+    "AsyncMemoryDriver",
     "BackendUnavailableError",
     "BaseMemoryDriver",
     "DriverNotFoundError",
@@ -51,6 +60,7 @@ __all__ = [
     "SchemaNotMigratedError",
     "User",
     "UserStats",
+    "get_async_memory_driver",
     "get_memory_driver",
     "set_memory_driver",
 ]

@@ -181,6 +181,18 @@ def get_default_embedder(model_name: str | None = None) -> SentenceTransformerEm
         return embedder
 
 
+def install_default_embedder(embedder: SentenceTransformerEmbedder) -> SentenceTransformerEmbedder:
+    """Make ``embedder`` the process-wide one for its model, unless the one there has loaded its
+    model already (then that one stays); returns the one in use. The async API installs its
+    ``ProcessEmbedder`` this way, before any driver has asked for an embedder."""
+    with _default_lock:
+        current = _default_embedders.get(embedder.model_name)
+        if current is not None and current.is_loaded:
+            return current
+        _default_embedders[embedder.model_name] = embedder
+        return embedder
+
+
 def _load_sentence_transformer(model_name: str) -> Any:
     # Never reach for a hub at run time: weights come from an installed package or a local path.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

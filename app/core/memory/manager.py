@@ -36,6 +36,15 @@ class MemoryDriverManager:
     _registered: dict[str, Any] = {}
     _instances: dict[str, BaseMemoryDriver] = {}
     _default_name: str | None = None
+    _close_hooks: list[Callable[[BaseMemoryDriver], None]] = []
+
+    @classmethod
+    def add_close_hook(cls, hook: Callable[[BaseMemoryDriver], None]) -> None:
+        """Call ``hook(driver)`` before the manager closes a cached driver (``reset_cache``,
+        ``register_driver(replace=True)``, ``discard``): the async API releases its wrapper."""
+        with cls._lock:
+            if hook not in cls._close_hooks:
+                cls._close_hooks.append(hook)
 
     @classmethod
     def register_driver(cls, name: str, cls_or_factory: Any, *, replace: bool = False) -> None:
@@ -55,7 +64,7 @@ class MemoryDriverManager:
             cls._registered[key] = cls_or_factory
             instance = cls._instances.pop(key, None)
         if instance is not None:
-            instance.close()
+            cls._close(instance)
 
     @classmethod
     def driver(cls, name: str | None = None) -> BaseMemoryDriver:
@@ -93,7 +102,24 @@ class MemoryDriverManager:
             cls._instances.clear()
             cls._default_name = None
         for instance in instances:
-            instance.close()
+            cls._close(instance)
+
+    @classmethod
+    def discard(cls, instance: BaseMemoryDriver) -> None:
+        """Close ``instance`` and forget it if it is cached, so its name opens a fresh one."""
+        with cls._lock:
+            keys = [key for key, cached in cls._instances.items() if cached is instance]
+            for key in keys:
+                del cls._instances[key]
+        cls._close(instance)
+
+    @classmethod
+    def _close(cls, instance: BaseMemoryDriver) -> None:
+        with cls._lock:
+            hooks = list(cls._close_hooks)
+        for hook in hooks:
+            hook(instance)
+        instance.close()
 
     @classmethod
     def _resolve_default(cls, name: str | None) -> str:

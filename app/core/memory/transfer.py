@@ -6,14 +6,18 @@ that is not JSON, breaks a rule or is refused by the target is reported with its
 the other lines are imported. ``copy_records`` does both without a file. Records keep their ids,
 so every operation is idempotent: running it again after a failure finishes the job without
 duplicating anything. ``progress(done, total)`` counts memories and knowledge documents.
+
+Lines are read with a bound (``MAX_LINE_CHARS``): a longer line is skipped to its end a bounded
+piece at a time and reported, so a hostile or broken file cannot make the import hold it in memory.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from app.core.memory.base import BaseMemoryDriver, Progress
@@ -31,6 +35,10 @@ from app.core.memory.validation import check_positive_int
 PLURALS = {"user": "users", "memory": "memories", "knowledge_document": "knowledge_documents"}
 DEFAULT_BATCH_SIZE = 256
 MAX_BATCH_SIZE = 10_000
+#: The longest line an import reads, in characters. The largest valid record, a knowledge
+#: document at ``MAX_KNOWLEDGE_CHARS`` with a vector per chunk, is ~6 M characters (~16 M if
+#: every character needs a JSON escape); reading a line costs about three times its size.
+MAX_LINE_CHARS = 32 * 1024 * 1024
 
 
 @dataclass
@@ -68,23 +76,33 @@ def export_dump(driver: BaseMemoryDriver, out: TextIO, *, user_id: str | None = 
     return counts
 
 
-def import_dump(driver: BaseMemoryDriver, lines: Iterable[str], *,
+def import_dump(driver: BaseMemoryDriver, lines: Iterable[str] | TextIO, *,
                 batch_size: int = DEFAULT_BATCH_SIZE,
                 progress: Progress | None = None, total: int = 0) -> TransferReport:
     """Import a dump's lines into ``driver``. A missing or foreign header raises
     ``InvalidInputError`` before anything is written; bad records are reported, not raised.
-    ``total`` (the number of lines, if known) is handed to ``progress``."""
+    ``total`` (the number of lines, if known) is handed to ``progress``. Given a text stream
+    (anything with ``readline``), lines are read with a bound; a line longer than
+    ``MAX_LINE_CHARS`` is refused either way."""
     batch_size = check_positive_int(batch_size, "batch_size", maximum=MAX_BATCH_SIZE)
-    numbered = enumerate(lines, start=1)
+    source = bounded_lines(lines) if hasattr(lines, "readline") else lines
+    numbered = enumerate(source, start=1)
     first = next(numbered, None)
     if first is None:
         raise InvalidInputError("the dump is empty: its first line must be the header")
+    if first[1] is None:
+        raise InvalidInputError(f"the first line is longer than {MAX_LINE_CHARS} characters: "
+                                "it must be the dump's header")
     head = check_header(_json_or_none(first[1]))
     vectors_from = head["embedding"] if head.get("with_embeddings") else None
     dimension = vectors_from["dimension"] if vectors_from else None
     report = TransferReport(complete=False)
     batch = _Batch(driver, report, vectors_from, batch_size)
     for number, line in numbered:
+        if line is None or len(line) > MAX_LINE_CHARS + 1:
+            report.refused.append((f"line {number}",
+                                   f"longer than {MAX_LINE_CHARS} characters (not read)"))
+            continue
         if not line.strip():
             continue
         value = _json_or_none(line)
@@ -106,6 +124,33 @@ def import_dump(driver: BaseMemoryDriver, lines: Iterable[str], *,
             progress(number, total)
     batch.flush()
     return report
+
+
+def bounded_lines(stream: Any, max_chars: int = MAX_LINE_CHARS) -> Iterator[str | None]:
+    """The lines of the text ``stream``, none held in memory beyond ``max_chars`` characters: a
+    longer line is read past in pieces and given as ``None``."""
+    while True:
+        line = stream.readline(max_chars + 1)
+        if not line:
+            return
+        if len(line) <= max_chars or line.endswith("\n"):
+            yield line
+            continue
+        while True:
+            rest = stream.readline(max_chars)
+            if not rest or rest.endswith("\n"):
+                break
+        yield None
+
+
+def count_lines(path: str | Path, chunk_bytes: int = 1 << 20) -> int:
+    """How many lines the file ``path`` has, read a chunk at a time (for a progress total)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
 
 
 def copy_records(source: BaseMemoryDriver, target: BaseMemoryDriver, *,

@@ -3,51 +3,95 @@
 Needs the ``automem`` extra (``pip install -e '.[automem]'``: httpx) and a running AutoMem
 (``AUTOMEM_URL`` or ``AUTOMEM_ENDPOINT``, token ``AUTOMEM_API_TOKEN`` or ``AUTOMEM_API_KEY``, sent
 as a Bearer token). The service owns its storage and its embeddings: nothing is migrated and no
-model is loaded here. The API is ``shared/AUTOMEM_API.md``; how the contract maps onto it:
+model is loaded here. The API, and what the real server does that a client must survive, is
+``shared/AUTOMEM_API.md``. The mapping of records onto memories is ``automem_mapping``; the
+retrying HTTP call is ``automem_http``.
 
-- **Scopes are tags.** Each memory carries ``user:<id>``, ``namespace:<ns>`` and, when given,
-  ``agent:<id>``, ``conversation:<id>``, ``key:<key>``, plus ``memory-layer:memory``; the caller's
-  tags are added as they are. The driver's own fields (ids, the caller's tags and metadata, expiry,
-  deletion, access counts) live in ``metadata["memory_layer"]``, the caller's metadata in
-  ``metadata["data"]``. Server-appended tags and metadata keys are tolerated and not shown.
-- **Tenancy is enforced here too.** The server matches tags case-insensitively and may widen a
-  recall, so every result is checked again against the exact ``user_id`` (and every other filter)
-  in its metadata before it is returned, changed or deleted.
-- **Recall** is ``GET /recall`` with the scope tags (repeated ``tags``, ``tag_mode=all``,
-  ``tag_match=exact``) and ``exclude_tags``; the server ranks (its scores, clipped to 0..1).
-  ``use_vector=False`` keeps only results that contain a word of the query. No query lists newest
-  first (``sort=time_desc``). Access counts are written back with one ``PATCH`` per result.
-- **TTL** is ``t_invalid`` (the server's ``state_mode=current`` hides what expired) and is checked
-  here as well. **Soft delete** adds the tag ``memory-layer:deleted`` (excluded from recalls) and
-  ``deleted_at``; ``restore`` removes both; ``purge`` hard-deletes.
-- **Upsert by key** finds the memory through its ``key:`` tag and patches it in place.
-- **store_many** sends ``POST /memory/batch`` in chunks of at most 500 (memories with an expiry or a
-  key go one by one, as the batch endpoint takes no ``t_invalid``); if any request fails, what the
-  call created is deleted again and what it replaced is patched back, then the error is raised.
-- **Knowledge** chunks are memories tagged ``memory-layer:knowledge``, ``category:<c>`` and
-  ``document:<doc_id>``; re-ingest stores the new chunks first, then deletes the old ones.
-- **Users** are one record memory each, tagged ``memory-layer:user``.
-- **Limits**: content over the server's 2,000 characters is ``InvalidInputError`` for memories and
-  split into smaller chunks for knowledge.
-- **Errors**: connection errors, timeouts, 5xx and unreadable bodies are retried
-  (``AUTOMEM_MAX_TRIES`` tries, waits of ``AUTOMEM_BACKOFF_SECONDS`` x 2^n) and end in
-  ``BackendUnavailableError``; a request that creates something is not retried after a timeout or
-  an unreadable answer, since it may have been carried out. 400 is ``InvalidInputError`` with the
-  server's message; 404 on a by-id call is "not found".
+**Where the driver keeps its state, and when it writes it.** The server's enrichment worker
+snapshots a new memory's ``tags`` and ``metadata`` and writes them back about 0.2 s later, undoing
+any change made in between. So:
+
+- Everything about a memory that never changes (user, agent, conversation, namespace, key,
+  created time) and its first tags and metadata are written by the store itself, which the
+  snapshot then contains.
+- State that changes later lives where enrichment never writes: soft deletion in ``t_valid`` (a
+  date after year 9000 that encodes the deletion time; the server's ``state_mode=current`` hides
+  it from every recall at once), expiry in ``t_invalid``, content and importance in their fields.
+  ``delete``, ``restore`` and expiry therefore hold from the moment they return.
+- Changes that must go into ``tags`` or ``metadata`` (``update`` of tags, metadata or anything
+  else, since ``updated_at`` is in the metadata; an upsert by key; access counts) wait until the
+  memory's enrichment window has passed (``AUTOMEM_ENRICHMENT_WINDOW``, default 0.5 s after the
+  server stored it) before they are written. A call made within that window of a store is slower
+  by the rest of the window, and then holds.
+- User records are never patched: ``set_profile`` stores a new record and deletes the old ones,
+  and readers take the newest.
+
+The windows left: if the server's enrichment queue has a backlog, a job can start later than
+the window, and a tags/metadata change (not deletion, restore, expiry, content or importance) that
+lands during that job's own ~0.2 s can still be undone. The driver cannot see the queue; raise
+``AUTOMEM_ENRICHMENT_WINDOW`` for a server that is often backlogged. And the batch endpoint takes
+no ``t_invalid``: a memory stored with an expiry gets it from a second request in the same call,
+so another reader can see an already-expired memory for that one round trip.
+
+**How the rest of the contract maps.**
+
+- **Stores are searchable when they return**: every memory is created with ``POST /memory/batch``
+  (one item for ``store``), which embeds before it answers; ``POST /memory`` embeds in the
+  background, and a content change while that job is queued would keep the old text's vector.
+- **Filters run on the server, exactly** (``automem_mapping``): hashed ``ml:`` tags make the
+  server's case-insensitive, prefix-matching tag filters exact, caller tags are kept apart from
+  the driver's, and ``min_importance`` is pushed down as importance buckets. Every result is still
+  checked here against the exact user and every filter, so a server-side widening can never hand
+  one user another's memory.
+- **Recall** is ``GET /recall`` (``tag_mode=all``, ``tag_match=exact``, at most 100 results); the
+  server ranks, scores clipped to 0..1. No query lists newest first; when the server's page was
+  full and filtering here left fewer than ``top_k`` (or ``top_k`` is above 100), the user's
+  memories are listed in full instead. With a query, results beyond the server's ranked page come
+  from that listing, ranked after it by the words they share with the query. ``use_vector=False``
+  keeps only results that contain a word of the query.
+- **Access counts** go in the metadata, one ``PATCH`` per result, sent concurrently so a recall
+  costs about one round trip more than the search. A result deleted meanwhile (404) is dropped
+  from the answer; a failed count never fails the recall.
+- **store_many** sends batches sized to the read timeout from the measured time per item
+  (``AUTOMEM_BATCH_SIZE`` at most). Everything one call creates carries one ``ml:op:`` tag: if any
+  request fails, that tag is deleted (waiting, after a timeout, for a batch the server may still
+  be storing) and what the call replaced is patched back, then the error is raised.
+- **Long content is never changed silently**: knowledge is split into chunks within the server's
+  summarising limit (``AUTOMEM_CONTENT_SOFT_LIMIT``, 500); a memory longer than that is read back
+  after it is written, put back if the server replaced it, and if it cannot be kept, undone with
+  ``BackendUnavailableError``.
+- **health_check** makes a real read (``/health`` can say healthy while every call fails).
+- **Limits**: content over the server's 2,000 characters is ``InvalidInputError`` for memories.
+- **Records of the driver before this mapping** (plain ``user:<id>`` tags, deletion in the
+  metadata) are invisible until ``upgrade_legacy_records()`` re-maps them, once.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
+from app.core.memory.drivers import automem_mapping as mapping
+from app.core.memory.drivers.automem_http import AutomemHttp, OutcomeUnknownError
+from app.core.memory.drivers.automem_mapping import (
+    KNOWLEDGE_TAG,
+    LAYER,
+    MEMORY_TAG,
+    USER_TAG,
+    clip,
+    layer_of,
+    memory_from_server,
+    parse_time,
+    visible,
+)
 from app.core.memory.drivers.support import claim_user_id
 from app.core.memory.errors import (
     BackendUnavailableError,
@@ -90,15 +134,16 @@ from app.core.memory.validation import (
     prepare_store_many,
 )
 
+log = logging.getLogger(__name__)
+
 SERVER_CONTENT_LIMIT = 2_000
 BATCH_LIMIT = 500
 LIST_PAGE = 200
 RECALL_LIMIT = 100
-MEMORY_TAG, KNOWLEDGE_TAG, USER_TAG = ("memory-layer:memory", "memory-layer:knowledge",
-                                       "memory-layer:user")
-DELETED_TAG = "memory-layer:deleted"
-LAYER = "memory_layer"
-_SERVER_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ACCESS_WORKERS = 8
+#: Share of the read timeout one batch may take by the measured time per item.
+BATCH_TIME_SHARE = 0.5
+_OURS = ("ml:", "memory-layer:", "user:", "conversation:")
 
 
 class AutomemDriver(BaseMemoryDriver):
@@ -108,8 +153,9 @@ class AutomemDriver(BaseMemoryDriver):
 
     def __init__(self, *, url: str | None = None, token: str = "", client: Any = None,
                  connect_timeout: float = 5.0, read_timeout: float = 25.0, max_tries: int = 3,
-                 backoff_seconds: float = 0.5,
-                 retention: timedelta = timedelta(days=30)) -> None:
+                 backoff_seconds: float = 0.5, retention: timedelta = timedelta(days=30),
+                 enrichment_window: float = 0.5, batch_size: int = 100,
+                 batch_item_seconds: float = 0.06, content_soft_limit: int = 500) -> None:
         try:
             import httpx
         except ImportError as exc:
@@ -117,19 +163,23 @@ class AutomemDriver(BaseMemoryDriver):
                 "the automem driver needs httpx: pip install -e '.[automem]'") from exc
         if client is None and not url:
             raise InvalidInputError("url must be the AutoMem service's URL (or pass client=)")
-        self._httpx = httpx
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = client or httpx.Client(
+        client = client or httpx.Client(
             base_url=url or "", headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
-        self._closed = False
-        self._max_tries = max(1, max_tries)
-        self._backoff = backoff_seconds
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=ACCESS_WORKERS + 2))
+        self._http = AutomemHttp(client, httpx, max_tries=max_tries, backoff=backoff_seconds)
         self._retention = retention
+        self._read_timeout = read_timeout
+        self._enrichment_window = max(0.0, enrichment_window)
+        self._batch_size = max(1, min(BATCH_LIMIT, batch_size))
+        self._item_seconds = max(1e-6, batch_item_seconds)
+        self._soft_limit = max(1, min(SERVER_CONTENT_LIMIT, content_soft_limit))
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_settings(cls) -> AutomemDriver:
-        """A driver configured from ``AUTOMEM_URL``, ``AUTOMEM_API_TOKEN`` and the timeouts."""
+        """A driver configured from the ``AUTOMEM_*`` settings (see ``config/settings.py``)."""
         from config.settings import get_settings
 
         settings = get_settings()
@@ -138,7 +188,10 @@ class AutomemDriver(BaseMemoryDriver):
                    read_timeout=settings.automem_read_timeout,
                    max_tries=settings.automem_max_tries,
                    backoff_seconds=settings.automem_backoff_seconds,
-                   retention=timedelta(days=settings.soft_delete_retention_days))
+                   retention=timedelta(days=settings.soft_delete_retention_days),
+                   enrichment_window=settings.automem_enrichment_window,
+                   batch_size=settings.automem_batch_size,
+                   content_soft_limit=settings.automem_content_soft_limit)
 
     # -- the six verbs of the original design ---------------------------------------------------
 
@@ -163,36 +216,41 @@ class AutomemDriver(BaseMemoryDriver):
         top_k = check_top_k(top_k)
         use_vector = check_bool(use_vector, "use_vector")
         text = check_query(query)
-        scope = [MEMORY_TAG, *_scope_tags(filters), *filters.tags]
-        params: list[tuple[str, Any]] = [("limit", min(RECALL_LIMIT, max(2 * top_k, 20))),
-                                         ("tag_mode", "all"), ("tag_match", "exact")]
-        params += [("tags", tag) for tag in scope]
-        params += [("exclude_tags", tag) for tag in [DELETED_TAG, *filters.exclude_tags]]
-        params.append(("query", text) if text else ("sort", "time_desc"))
-        body = self._request("GET", "/recall", params=params)
-        now = datetime.now(UTC)
         terms = set(ranking.query_terms(text)) if text and not use_vector else set()
         if text and not use_vector and not terms:
             return []  # keyword search with no word to match
+        limit = min(RECALL_LIMIT, max(2 * top_k, 20))
+        params: list[tuple[str, Any]] = [("limit", limit), ("tag_mode", "all"),
+                                         ("tag_match", "exact")]
+        params += [("tags", tag) for tag in mapping.filter_tags(filters)]
+        params += [("exclude_tags", mapping.caller_tag(tag)) for tag in filters.exclude_tags]
+        params.append(("query", text) if text else ("sort", "time_desc"))
+        body = self._http.request("GET", "/recall", params=params)
+        results = [r for r in _list(body.get("results")) if isinstance(r, dict)]
+        now = datetime.now(UTC)
         found: list[Memory] = []
-        metadata_of: dict[str, dict[str, Any]] = {}
-        for result in body.get("results") or []:
-            server = result.get("memory") or {}
-            memory = _memory_from_server(server, result.get("id"))
-            if memory is None or not _visible(memory, filters, now):
+        server_of: dict[str, dict[str, Any]] = {}
+        for result in results:
+            server = result.get("memory")
+            if not isinstance(server, dict):
+                continue
+            memory = memory_from_server(server, result.get("id") or server.get("id"))
+            if memory is None or memory["id"] in server_of or not visible(memory, filters, now):
                 continue
             if terms and not terms & set(ranking.query_terms(memory["content"])):
                 continue
-            memory["score"] = 1.0 if not text else _clip(result.get("final_score",
-                                                                     result.get("score")))
+            memory["score"] = 1.0 if not text else clip(result.get("final_score",
+                                                                    result.get("score")))
             found.append(memory)
-            metadata_of[memory["id"]] = server["metadata"]
+            server_of[memory["id"]] = server
         if text:
             found.sort(key=lambda m: (m["score"], m["created_at"]), reverse=True)
-        memories = found[:top_k]
-        for memory in memories:
-            self._record_access(memory, metadata_of[memory["id"]], now)
-        return memories
+        # The server cut its answer at ``limit`` before the checks above: if that may have left
+        # memories out, list the user's memories in full (the server cannot page a recall).
+        cut = len(results) >= limit or top_k > RECALL_LIMIT
+        if len(found) < top_k and cut:
+            found = self._complete(found, server_of, filters, text, terms, top_k, now)
+        return self._count_access(found[:top_k], server_of, now)
 
     def recall_global_knowledge(
         self, query: str, top_k: int = 5, category: str | None = None
@@ -200,18 +258,19 @@ class AutomemDriver(BaseMemoryDriver):
         text = check_text(query, "query", max_chars=MAX_QUERY_CHARS)
         top_k = check_top_k(top_k)
         category = check_optional_id(category, "category")
-        tags = [KNOWLEDGE_TAG] + ([f"category:{category}"] if category else [])
+        tags = [KNOWLEDGE_TAG] + ([mapping.exact_tag("category", category)] if category else [])
         params = [("query", text), ("limit", min(RECALL_LIMIT, max(2 * top_k, 20))),
                   ("tag_mode", "all"), ("tag_match", "exact"), *[("tags", t) for t in tags]]
         found = []
-        for result in self._request("GET", "/recall", params=params).get("results") or []:
-            server = result.get("memory") or {}
-            layer = (server.get("metadata") or {}).get(LAYER) or {}
+        body = self._http.request("GET", "/recall", params=params)
+        for result in _list(body.get("results")):
+            server = result.get("memory") if isinstance(result, dict) else None
+            layer = layer_of(server if isinstance(server, dict) else None)
             if layer.get("kind") != "knowledge" or (category and layer.get("category") != category):
                 continue
-            found.append(_knowledge_from_server(server, layer,
-                                                _clip(result.get("final_score",
-                                                                 result.get("score")))))
+            assert isinstance(server, dict)
+            found.append(mapping.knowledge_from_server(
+                server, layer, clip(result.get("final_score", result.get("score")))))
         found.sort(key=lambda k: k["score"], reverse=True)
         return found[:top_k]
 
@@ -237,7 +296,7 @@ class AutomemDriver(BaseMemoryDriver):
             now=now,
         )
         _check_server_limit(draft.content, "content")
-        return self._store_one(draft, now)[0]
+        return self._store_drafts([draft], now)[0]
 
     def store_global_knowledge(
         self,
@@ -248,57 +307,68 @@ class AutomemDriver(BaseMemoryDriver):
         metadata: dict[str, Any] | None = None,
     ) -> KnowledgeDocument:
         draft = prepare_knowledge(content, category, title, doc_id, metadata)
+        # Chunks stay within the server's summarising limit, so none is replaced by a summary.
         chunks = [piece for chunk in chunk_text(draft.content)
-                  for piece in _fit_server_limit(chunk)]
-        old = self._list_tagged(f"document:{draft.doc_id}", kind="knowledge",
+                  for piece in mapping.split_text(chunk, self._soft_limit)]
+        old = self._list_tagged(mapping.exact_tag("doc", draft.doc_id), kind="knowledge",
                                 doc_id=draft.doc_id)
         now = datetime.now(UTC)
-        created: str = min((str(_layer(m)["document_created_at"]) for m in old
-                            if _layer(m).get("document_created_at")), default=now.isoformat())
+        created: str = min((str(layer_of(m)["document_created_at"]) for m in old
+                            if layer_of(m).get("document_created_at")), default=now.isoformat())
         generation = uuid.uuid4().hex
         items = [{
             "content": chunk, "importance": 0.5, "timestamp": now.isoformat(),
-            "tags": [KNOWLEDGE_TAG, f"category:{draft.category}", f"document:{draft.doc_id}"],
+            "tags": [KNOWLEDGE_TAG, mapping.exact_tag("category", draft.category),
+                     mapping.exact_tag("doc", draft.doc_id), mapping.operation_tag(generation)],
             "metadata": {LAYER: {
                 "kind": "knowledge", "doc_id": draft.doc_id, "category": draft.category,
                 "title": draft.title, "chunk_index": index, "chunk_count": len(chunks),
                 "generation": generation, "document_metadata": draft.metadata,
                 "document_created_at": created, "updated_at": now.isoformat()}},
         } for index, chunk in enumerate(chunks)]
-        self._store_batches(items)
+        self._create_all(items, generation)
         for memory in old:  # the new chunks are in: only now do the old ones go
             self._delete_id(memory["id"])
         return {"doc_id": draft.doc_id, "category": draft.category, "title": draft.title,
                 "metadata": draft.metadata, "chunk_count": len(chunks),
-                "created_at": _parse_time(created) or now, "updated_at": now}
+                "created_at": parse_time(created) or now, "updated_at": now}
 
     def delete(self, memory_id: str, user_id: str | None = None) -> bool:
         memory_id, user_id = check_by_id(memory_id, user_id)
         server = self._visible_server_memory(memory_id, user_id)
         if server is None:
             return False
-        layer = _layer(server)
-        layer["deleted_at"] = datetime.now(UTC).isoformat()
-        self._patch(memory_id, tags=[*server["tags"], DELETED_TAG], metadata=server["metadata"])
+        # t_valid, not tags or metadata: enrichment cannot write it back.
+        self._patch(memory_id, t_valid=mapping.deleted_marker(datetime.now(UTC)))
         return True
 
     def health_check(self) -> HealthReport:
         started = time.perf_counter()
         checks: dict[str, Any] = {}
         status = "ok"
+        client = self._http.client
         try:
-            response = self._client.get("/health")
-            body = response.json()
+            body = client.get("/health").json()
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
             service = body.get("status")
             checks["service"] = {key: body.get(key) for key in
                                  ("status", "falkordb", "qdrant", "memory_count")}
             if service != "healthy":
                 status = "degraded" if service == "degraded" else "down"
-            probe = self._client.get("/memory/by-tag",
-                                     params=[("tags", "memory-layer:health"), ("limit", 1)])
-            checks["auth"] = {"status": "ok" if probe.status_code != 401 else "unauthorized"}
+            # /health can say healthy while every call fails: only a real read tells.
+            probe = client.get("/memory/by-tag", params=[("tags", "ml:health"), ("limit", 1)])
             if probe.status_code == 401:
+                checks["auth"] = {"status": "unauthorized"}
                 status = "down"
+            else:
+                checks["auth"] = {"status": "ok"}
+                answer = _json_object(probe)
+                readable = probe.status_code < 300 and answer is not None
+                checks["read"] = {"status": "ok" if readable else "failed",
+                                  "http_status": probe.status_code}
+                if not readable:
+                    status = "down"
         except Exception as exc:  # noqa: BLE001 - health_check reports, it never raises
             status = "down"
             checks["service"] = {"status": "down", "error": type(exc).__name__}
@@ -313,7 +383,7 @@ class AutomemDriver(BaseMemoryDriver):
         memory_id, user_id = check_by_id(memory_id, user_id)
         include_deleted = check_bool(include_deleted, "include_deleted")
         server = self._visible_server_memory(memory_id, user_id, include_deleted=include_deleted)
-        return None if server is None else _memory_from_server(server, memory_id)
+        return None if server is None else memory_from_server(server, memory_id)
 
     def update(
         self,
@@ -338,25 +408,32 @@ class AutomemDriver(BaseMemoryDriver):
         server = self._visible_server_memory(memory_id, user_id)
         if server is None:
             return None
-        layer = _layer(server)
-        layer["updated_at"] = now.isoformat()
-        patch: dict[str, Any] = {"updated_at": now.isoformat()}
+        memory = memory_from_server(server, memory_id)
+        assert memory is not None
+        patch: dict[str, Any] = {}
         if changes.content is not None:
             patch["content"] = changes.content
         if changes.importance is not None:
             patch["importance"] = changes.importance
-        if changes.tags is not None:
-            own = set(layer.get("tags", []))
-            kept = [tag for tag in server["tags"] if tag not in own]
-            patch["tags"] = kept + [tag for tag in changes.tags if tag not in kept]
-            layer["tags"] = changes.tags
-        if changes.metadata is not None:
-            server["metadata"]["data"] = changes.metadata
         if changes.expires_at is not None or changes.clear_expiry:
-            layer["expires_at"] = changes.expires_at.isoformat() if changes.expires_at else None
-            patch["t_invalid"] = layer["expires_at"]
-        patch["metadata"] = server["metadata"]
+            patch["t_invalid"] = changes.expires_at.isoformat() if changes.expires_at else None
+        new_tags = changes.tags if changes.tags is not None else memory["tags"]
+        new_importance = (changes.importance if changes.importance is not None
+                          else memory["importance"])
+        patch["tags"] = _server_extras(server) + mapping.memory_tags(
+            memory["user_id"], memory["agent_id"], memory["conversation_id"],
+            memory["namespace"], memory["key"], new_tags, new_importance)
+        metadata_now = dict(server.get("metadata") or {})
+        layer = dict(layer_of(server))
+        layer.update(tags=new_tags, updated_at=now.isoformat())
+        metadata_now[LAYER] = layer
+        if changes.metadata is not None:
+            metadata_now["data"] = changes.metadata
+        patch["metadata"] = metadata_now
+        self._settle(server)
         self._patch(memory_id, **patch)
+        if changes.content is not None:
+            self._keep_content(memory_id, changes.content, undo=False)
         return self.get(memory_id, user_id)
 
     def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
@@ -364,32 +441,7 @@ class AutomemDriver(BaseMemoryDriver):
         drafts = prepare_store_many(items, now=now)
         for index, draft in enumerate(drafts):
             _check_server_limit(draft.content, f"items[{index}].content")
-        results: list[Memory | None] = [None] * len(drafts)
-        created: list[str] = []
-        replaced: list[dict[str, Any]] = []
-        try:
-            plain: list[int] = []
-            for index, draft in enumerate(drafts):
-                if draft.key is None and draft.expires_at is None:
-                    plain.append(index)
-                    continue
-                memory, previous = self._store_one(draft, now)
-                results[index] = memory
-                if previous is None:
-                    created.append(memory["id"])
-                else:
-                    replaced.append(previous)
-            # Distinct timestamps keep "newest first" exact within a batch.
-            stamps = {index: now + timedelta(microseconds=n) for n, index in enumerate(plain)}
-            payload = [_server_item(drafts[i], stamps[i]) for i in plain]
-            ids = self._store_batches(payload, created)
-            for position, (index, memory_id) in enumerate(zip(plain, ids, strict=True)):
-                results[index] = _memory_from_server({**payload[position], "id": memory_id},
-                                                     memory_id)
-        except Exception:
-            self._undo(created, replaced)
-            raise
-        return [memory for memory in results if memory is not None]
+        return self._store_drafts(drafts, now)
 
     def list_memories(
         self,
@@ -408,36 +460,28 @@ class AutomemDriver(BaseMemoryDriver):
         include_deleted = check_bool(include_deleted, "include_deleted")
         limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
         before = check_cursor(cursor)
-        now = datetime.now(UTC)
-        memories = [m for m in (_memory_from_server(s, s.get("id")) for s in
-                                self._list_tagged(f"user:{filters.user_id}", kind="memory",
-                                                  user_id=filters.user_id))
-                    if m is not None and _visible(m, filters, now, include_deleted=include_deleted)]
-        memories.sort(key=_micros, reverse=True)
+        memories = self._scan(filters, datetime.now(UTC), include_deleted=include_deleted)
         if before is not None:
-            memories = [m for m in memories if _micros(m) < before]
+            memories = [m for m in memories if mapping.micros(m) < before]
         page = memories[:limit]
         return {"items": page,
-                "next_cursor": str(_micros(page[-1])) if len(memories) > limit else None}
+                "next_cursor": str(mapping.micros(page[-1])) if len(memories) > limit else None}
 
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
         memory_id, user_id = check_by_id(memory_id, user_id)
         server = self._visible_server_memory(memory_id, user_id, include_deleted=True)
-        if server is None or not _layer(server).get("deleted_at"):
+        if server is None or mapping.deleted_at_of(server) is None:
             return False
-        _layer(server)["deleted_at"] = None
-        self._patch(memory_id, tags=[t for t in server["tags"] if t != DELETED_TAG],
-                    metadata=server["metadata"])
+        self._patch(memory_id, t_valid=None)
         return True
 
     def forget_user(self, user_id: str) -> int:
         user_id = check_id(user_id, "user_id")
-        # by-tag matches case-insensitively: only what is exactly this user's goes.
-        mine = self._list_tagged(f"user:{user_id}", user_id=user_id)
+        mine = self._list_tagged(mapping.user_tag(user_id), user_id=user_id)
         erased = 0
         for server in mine:
             self._delete_id(server["id"])
-            erased += _layer(server).get("kind") == "memory"
+            erased += layer_of(server).get("kind") == "memory"
         return erased
 
     def purge(self, *, retention: timedelta | None = None) -> int:
@@ -445,9 +489,7 @@ class AutomemDriver(BaseMemoryDriver):
         now = datetime.now(UTC)
         gone = 0
         for server in self._list_tagged(MEMORY_TAG, kind="memory"):
-            layer = _layer(server)
-            expires, deleted = _parse_time(layer.get("expires_at")), _parse_time(
-                layer.get("deleted_at"))
+            expires, deleted = mapping.expires_at_of(server), mapping.deleted_at_of(server)
             if (expires and expires <= now) or (deleted and deleted <= now - retention):
                 self._delete_id(server["id"])
                 gone += 1
@@ -455,7 +497,8 @@ class AutomemDriver(BaseMemoryDriver):
 
     def delete_knowledge(self, doc_id: str) -> bool:
         doc_id = check_id(doc_id, "doc_id")
-        chunks = self._list_tagged(f"document:{doc_id}", kind="knowledge", doc_id=doc_id)
+        chunks = self._list_tagged(mapping.exact_tag("doc", doc_id), kind="knowledge",
+                                   doc_id=doc_id)
         for server in chunks:
             self._delete_id(server["id"])
         return bool(chunks)
@@ -464,16 +507,18 @@ class AutomemDriver(BaseMemoryDriver):
         user_id = check_optional_id(user_id, "user_id")
         now = datetime.now(UTC)
         if user_id is not None:
-            servers = self._list_tagged(f"user:{user_id}", kind="memory", user_id=user_id)
+            servers = self._list_tagged(mapping.user_tag(user_id), kind="memory",
+                                        user_id=user_id)
         else:
             servers = self._list_tagged(MEMORY_TAG, kind="memory")
-        result: dict[str, Any] = {"driver": self.name, "memories": _counts(servers, now)}
+        result: dict[str, Any] = {"driver": self.name, "memories": mapping.counts(servers, now)}
         if user_id is None:
-            users = {_layer(s).get("user_id") for s in servers}
-            users |= {_layer(s).get("user_id") for s in self._list_tagged(USER_TAG, kind="user")}
+            users = {layer_of(s).get("user_id") for s in servers}
+            users |= {layer_of(s).get("user_id") for s in self._list_tagged(USER_TAG,
+                                                                             kind="user")}
             chunks = self._list_tagged(KNOWLEDGE_TAG, kind="knowledge")
             result["users"] = len(users)
-            result["knowledge"] = {"documents": len({_layer(c).get("doc_id") for c in chunks}),
+            result["knowledge"] = {"documents": len({layer_of(c).get("doc_id") for c in chunks}),
                                    "chunks": len(chunks)}
             result["embedding"] = None  # the service embeds on its side
         else:
@@ -490,10 +535,11 @@ class AutomemDriver(BaseMemoryDriver):
         chosen = check_optional_id(user_id, "user_id")
         name = check_display_name(display_name)
         stored_profile = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
+
         def insert(candidate: str) -> bool:
-            if self._user_record(candidate) is not None:
+            if self._user_records(candidate):
                 return False
-            self._write_user(candidate, name, stored_profile, None)
+            self._write_user(candidate, name, stored_profile, [])
             return True
 
         user = self.get_user(claim_user_id(chosen, insert))
@@ -502,22 +548,22 @@ class AutomemDriver(BaseMemoryDriver):
 
     def get_user(self, user_id: str) -> User | None:
         user_id = check_id(user_id, "user_id")
-        record = self._user_record(user_id)
-        servers = self._list_tagged(f"user:{user_id}", kind="memory", user_id=user_id)
-        created = [_parse_time(s.get("timestamp")) for s in servers]
+        records = self._user_records(user_id)
+        servers = self._list_tagged(mapping.user_tag(user_id), kind="memory", user_id=user_id)
+        created = [parse_time(s.get("timestamp")) for s in servers]
         row = None
-        if record is not None:
-            layer = _layer(record)
+        if records:
+            layer = layer_of(records[0])
             row = (layer.get("display_name"), layer.get("profile") or {},
-                   _parse_time(layer.get("created_at")), _parse_time(layer.get("updated_at")))
-        return user_record(user_id, row, _counts(servers, datetime.now(UTC)),
+                   parse_time(layer.get("created_at")), parse_time(layer.get("updated_at")))
+        return user_record(user_id, row, mapping.counts(servers, datetime.now(UTC)),
                            min(filter(None, created), default=None),
                            max(filter(None, created), default=None))
 
     def get_profile(self, user_id: str) -> dict[str, Any]:
         user_id = check_id(user_id, "user_id")
-        record = self._user_record(user_id)
-        return dict(_layer(record).get("profile") or {}) if record else {}
+        records = self._user_records(user_id)
+        return dict(layer_of(records[0]).get("profile") or {}) if records else {}
 
     def set_profile(
         self, user_id: str, profile: dict[str, Any], *, merge: bool = False
@@ -527,82 +573,53 @@ class AutomemDriver(BaseMemoryDriver):
             raise InvalidInputError("profile must be a dict (got None)")
         new = check_json_object(profile, "profile", max_bytes=MAX_PROFILE_BYTES)
         merge = check_bool(merge, "merge")
-        record = self._user_record(user_id)
-        old = _layer(record).get("profile") or {} if record else {}
+        records = self._user_records(user_id)
+        current = layer_of(records[0]) if records else {}
+        old = current.get("profile") or {}
         stored = check_json_object({**old, **new} if merge else new, "profile",
                                    max_bytes=MAX_PROFILE_BYTES)
-        name = _layer(record).get("display_name") if record else None
-        self._write_user(user_id, name, stored, record)
+        self._write_user(user_id, current.get("display_name"), stored, records)
         return stored
 
+    def upgrade_legacy_records(self) -> int:
+        """Re-map records written by the driver before issue 14 (an AutoMem-only operator call).
+
+        That driver filtered on plain tags (``user:<id>``, ``namespace:<ns>``, caller tags as
+        given) and kept deletion and expiry in the metadata; this one finds nothing of it. Each
+        such memory, knowledge chunk and user record gets the hashed tags, its deletion moved to
+        ``t_valid`` and its expiry to ``t_invalid``. Idempotent; returns how many were changed.
+        """
+        changed = 0
+        for tag in (MEMORY_TAG, KNOWLEDGE_TAG, USER_TAG):
+            for server in self._list_tagged(tag):
+                fields = mapping.legacy_upgrade(server)
+                if fields:
+                    self._patch(server["id"], not_found=None, **fields)
+                    changed += 1
+        return changed
+
     def close(self) -> None:
-        self._closed = True
-        self._client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._http.close()
 
     # -- private helpers ----------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, params: Any = None, body: Any = None,
-                 creates: bool = False, not_found: Any = "raise") -> Any:
-        """One API call with retries; returns the decoded body (or ``not_found`` on a 404)."""
-        if self._closed:
-            raise BackendUnavailableError("this AutomemDriver is closed")
-        httpx = self._httpx
-        reason = ""
-        for attempt in range(self._max_tries):
-            if attempt:
-                time.sleep(self._backoff * 2 ** (attempt - 1))
-            try:
-                response = self._client.request(method, path, params=params, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                reason = f"cannot connect ({type(exc).__name__})"
-                continue
-            except httpx.TransportError as exc:
-                if creates:
-                    raise BackendUnavailableError(
-                        f"AutoMem {method} {path} failed ({type(exc).__name__}); it may or may "
-                        "not have been carried out") from exc
-                reason = f"no answer ({type(exc).__name__})"
-                continue
-            if response.status_code >= 500:
-                reason = f"HTTP {response.status_code}"
-                continue
-            try:
-                decoded = response.json()
-            except ValueError:
-                if creates and response.status_code < 300:
-                    raise BackendUnavailableError(
-                        f"AutoMem {method} {path} answered an unreadable body; it may or may not "
-                        "have been carried out") from None
-                reason = f"unreadable answer (HTTP {response.status_code})"
-                continue
-            if response.status_code == 404 and not_found != "raise":
-                return not_found
-            if response.status_code == 400:
-                raise InvalidInputError(f"AutoMem refused the request: "
-                                        f"{decoded.get('message', 'bad request')}")
-            if response.status_code == 401:
-                raise BackendUnavailableError(
-                    "AutoMem refused the token (HTTP 401): check AUTOMEM_API_TOKEN")
-            if response.status_code >= 300:
-                raise BackendUnavailableError(f"AutoMem {method} {path} answered HTTP "
-                                              f"{response.status_code}")
-            return decoded
-        raise BackendUnavailableError(
-            f"AutoMem {method} {path} failed after {self._max_tries} tries: {reason}")
-
-    def _patch(self, memory_id: str, **fields: Any) -> None:
-        self._request("PATCH", f"/memory/{memory_id}", body=fields)
+    def _patch(self, memory_id: str, *, not_found: Any = "raise", **fields: Any) -> Any:
+        return self._http.request("PATCH", f"/memory/{memory_id}", body=fields,
+                                  not_found=not_found)
 
     def _delete_id(self, memory_id: str) -> None:
-        self._request("DELETE", f"/memory/{memory_id}", not_found=None)
+        self._http.request("DELETE", f"/memory/{memory_id}", not_found=None)
 
     def _server_memory(self, memory_id: str) -> dict[str, Any] | None:
-        if not _SERVER_ID.fullmatch(memory_id):
+        if not _is_server_id(memory_id):
             return None  # the server answers 400 for ids that are not UUIDs: none of ours
-        body = self._request("GET", f"/memory/{memory_id}", not_found=None)
-        if body is None:
+        body = self._http.request("GET", f"/memory/{memory_id}", not_found=None)
+        server = body.get("memory") if body is not None else None
+        if not isinstance(server, dict):
             return None
-        server: dict[str, Any] = body.get("memory") or {}
         server.setdefault("id", memory_id)
         return server
 
@@ -611,65 +628,197 @@ class AutomemDriver(BaseMemoryDriver):
         server = self._server_memory(memory_id)
         if server is None:
             return None
-        memory = _memory_from_server(server, memory_id)
+        memory = memory_from_server(server, memory_id)
         if memory is None or (user_id is not None and memory["user_id"] != user_id):
             return None
-        if not _visible(memory, RecallFilters(user_id=memory["user_id"]), datetime.now(UTC),
-                        include_deleted=include_deleted):
+        if not visible(memory, RecallFilters(user_id=memory["user_id"]), datetime.now(UTC),
+                       include_deleted=include_deleted):
             return None
         return server
 
-    def _store_one(self, draft: MemoryDraft,
-                   now: datetime) -> tuple[Memory, dict[str, Any] | None]:
-        """Store or upsert one memory; returns it and, for an upsert, the memory it replaced."""
-        item = _server_item(draft, now)
-        existing = self._find_key(draft) if draft.key is not None else None
-        if existing is not None:
-            previous = dict(existing)
-            layer = _layer(existing)
-            item["metadata"][LAYER].update(created_at=layer.get("created_at", now.isoformat()),
-                                           access_count=layer.get("access_count", 0),
-                                           last_accessed_at=layer.get("last_accessed_at"))
-            self._patch(existing["id"], content=item["content"], tags=item["tags"],
-                        importance=item["importance"], metadata=item["metadata"],
-                        t_invalid=item.get("t_invalid"), updated_at=now.isoformat())
-            stored = self._server_memory(existing["id"])
-            memory = _memory_from_server(stored or {}, existing["id"])
-            assert memory is not None
-            return memory, previous
-        if draft.expires_at is not None:
-            item["t_invalid"] = draft.expires_at.isoformat()
-        answer = self._request("POST", "/memory", body=item, creates=True)
-        memory = _memory_from_server({**item, "id": answer.get("memory_id")},
-                                     answer.get("memory_id"))
+    def _settle(self, server: dict[str, Any]) -> None:
+        """Wait until enrichment can no longer write back ``server``'s tags and metadata.
+
+        The window runs from when the server stored the memory: the later of the driver's
+        ``created_at`` and the server's own ``updated_at`` (set at the store, never sent by this
+        driver), so a slow batch does not shorten it.
+        """
+        layer = layer_of(server)
+        stored = max(filter(None, [parse_time(layer.get("created_at")),
+                                   parse_time(server.get("updated_at"))]),
+                     default=None)
+        if stored is None:
+            return
+        wait = (stored - datetime.now(UTC)).total_seconds() + self._enrichment_window
+        if wait > 0:
+            time.sleep(min(wait, self._enrichment_window))
+
+    def _store_drafts(self, drafts: list[MemoryDraft], now: datetime) -> list[Memory]:
+        """Store checked drafts in input order, all or nothing (see the module docstring)."""
+        if not drafts:
+            return []
+        operation = uuid.uuid4().hex
+        results: list[Memory | None] = [None] * len(drafts)
+        replaced: list[dict[str, Any]] = []
+        created: list[str] = []
+        try:
+            # Keys that exist are patched in place; the rest is created in batches, where the
+            # last item of equal new keys is the one created.
+            fresh: list[int] = []
+            last_of: dict[tuple[str, str | None, str, str], int] = {}
+            for index, draft in enumerate(drafts):
+                if draft.key is None:
+                    fresh.append(index)
+                    continue
+                identity = (draft.user_id, draft.agent_id, draft.namespace, draft.key)
+                if identity in last_of:
+                    fresh[fresh.index(last_of[identity])] = index
+                    last_of[identity] = index
+                    continue
+                existing = self._find_key(draft)
+                if existing is None:
+                    last_of[identity] = index
+                    fresh.append(index)
+                else:
+                    replaced.append(existing)
+                    results[index] = self._upsert(existing, draft, now)
+            # Distinct timestamps keep "newest first" exact within a batch.
+            payload = [mapping.server_item(drafts[i], now + timedelta(microseconds=n),
+                                           operation=operation) for n, i in enumerate(fresh)]
+            ids = self._create(payload, created)
+            for position, (index, memory_id) in enumerate(zip(fresh, ids, strict=True)):
+                draft = drafts[index]
+                if draft.expires_at is not None:  # the batch endpoint takes no t_invalid
+                    self._patch(memory_id, t_invalid=draft.expires_at.isoformat())
+                if len(draft.content) > self._soft_limit:
+                    self._keep_content(memory_id, draft.content, undo=True)
+                expiry = draft.expires_at.isoformat() if draft.expires_at else None
+                results[index] = memory_from_server(
+                    {**payload[position], "id": memory_id, "t_invalid": expiry}, memory_id)
+            for index, draft in enumerate(drafts):  # earlier items of an equal new key
+                if results[index] is None and draft.key is not None:
+                    identity = (draft.user_id, draft.agent_id, draft.namespace, draft.key)
+                    results[index] = results[last_of[identity]]
+        except Exception as exc:
+            in_flight = exc.in_flight if isinstance(exc, OutcomeUnknownError) else 0
+            undone = self._undo(operation, len(created) + in_flight, replaced)
+            _raise_undone(exc, undone)
+        return [memory for memory in results if memory is not None]
+
+    def _create_all(self, items: list[dict[str, Any]], operation: str) -> list[str]:
+        """``_create``, undone (by the items' ``ml:op:`` tag) if it fails."""
+        created: list[str] = []
+        try:
+            return self._create(items, created)
+        except Exception as exc:
+            in_flight = exc.in_flight if isinstance(exc, OutcomeUnknownError) else 0
+            _raise_undone(exc, self._undo_operation(operation, len(created) + in_flight))
+
+    def _upsert(self, existing: dict[str, Any], draft: MemoryDraft, now: datetime) -> Memory:
+        """Replace the memory ``existing`` in place with ``draft`` (same id and created_at)."""
+        layer = layer_of(existing)
+        created = parse_time(layer.get("created_at")) or now
+        item = mapping.server_item(draft, now, created_at=created)
+        item["metadata"][LAYER].update(access_count=layer.get("access_count", 0),
+                                       last_accessed_at=layer.get("last_accessed_at"))
+        self._settle(existing)
+        self._patch(existing["id"], content=item["content"],
+                    tags=_server_extras(existing) + item["tags"],
+                    importance=item["importance"], metadata=item["metadata"],
+                    t_invalid=draft.expires_at.isoformat() if draft.expires_at else None,
+                    t_valid=None)
+        if len(draft.content) > self._soft_limit:
+            self._keep_content(existing["id"], draft.content, undo=False)
+        stored = self._server_memory(existing["id"])
+        memory = memory_from_server(stored or {**item, "id": existing["id"]}, existing["id"])
         assert memory is not None
-        return memory, None
+        return memory
 
-    def _store_batches(self, items: list[dict[str, Any]],
-                       created: list[str] | None = None) -> list[str]:
-        ids: list[str] = []
-        for start in range(0, len(items), BATCH_LIMIT):
-            answer = self._request("POST", "/memory/batch",
-                                   body={"memories": items[start:start + BATCH_LIMIT]},
-                                   creates=True)
-            new = list(answer.get("memory_ids") or [])
-            ids += new
-            if created is not None:
-                created += new
-        return ids
+    def _keep_content(self, memory_id: str, content: str, *, undo: bool) -> None:
+        """Make sure the server kept ``content`` as written (it may summarise long content)."""
+        for attempt in range(2):
+            server = self._server_memory(memory_id)
+            if server is None or server.get("content") == content:
+                return
+            if attempt == 0:  # put it back once; a PATCH is not summarised
+                self._patch(memory_id, content=content)
+        if not undo:
+            raise BackendUnavailableError(
+                "AutoMem replaced the content with a summary and kept it; the memory holds the "
+                "summary (raise the server's MEMORY_CONTENT_SOFT_LIMIT, or store shorter content)")
+        raise BackendUnavailableError(
+            "AutoMem replaced the content with a summary and kept it, so nothing was stored "
+            "(raise the server's MEMORY_CONTENT_SOFT_LIMIT, or store shorter content)")
 
-    def _undo(self, created: list[str], replaced: list[dict[str, Any]]) -> None:
-        for memory_id in created:
-            self._delete_id(memory_id)
+    def _create(self, items: list[dict[str, Any]], created: list[str]) -> list[str]:
+        """Create ``items`` in batches sized to the read timeout, appending ids to ``created``.
+
+        A batch that ends without a usable answer raises ``OutcomeUnknownError`` whose
+        ``in_flight`` says how many memories the server may still store; the caller undoes.
+        """
+        start = 0
+        while start < len(items):
+            size = max(1, min(self._batch_size,
+                              int(self._read_timeout * BATCH_TIME_SHARE / self._item_seconds)))
+            chunk = items[start:start + size]
+            started = time.monotonic()
+            try:
+                answer = self._http.request("POST", "/memory/batch", body={"memories": chunk},
+                                            creates=True)
+            except OutcomeUnknownError as exc:
+                exc.in_flight = len(chunk)
+                # Slower than measured: the next call sizes its batches from this one.
+                self._item_seconds = max(self._item_seconds, self._read_timeout / len(chunk))
+                raise
+            elapsed = time.monotonic() - started
+            self._item_seconds = max(1e-6, (self._item_seconds + elapsed / len(chunk)) / 2)
+            new = answer.get("memory_ids")
+            if (not isinstance(new, list) or len(new) != len(chunk)
+                    or not all(isinstance(i, str) and _is_server_id(i) for i in new)):
+                error = OutcomeUnknownError("AutoMem answered a batch store without its ids")
+                error.in_flight = len(chunk)
+                raise error
+            created += new
+            start += size
+        return created
+
+    def _undo_operation(self, operation: str, expected: int) -> bool:
+        """Delete what one call created (by its ``ml:op:`` tag). After a timeout the server may
+        still be storing a batch: keep deleting until ``expected`` memories went, or until two
+        read timeouts have passed. Whether everything went."""
+        if expected <= 0:
+            return True
+        deadline = time.monotonic() + 2 * self._read_timeout
+        gone = 0
+        while True:
+            try:
+                answer = self._http.request("DELETE", "/memory/by-tag",
+                                            params=[("tags", mapping.operation_tag(operation))])
+                gone += int(answer.get("deleted_count") or 0)
+            except BackendUnavailableError:
+                log.warning("AutoMem: undoing a failed store could not reach the service")
+            if gone >= expected:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("AutoMem: %d memories of a failed store may remain, tagged %s",
+                            expected - gone, mapping.operation_tag(operation))
+                return False
+            time.sleep(min(0.25, self._read_timeout / 10))
+
+    def _undo(self, operation: str, expected: int, replaced: list[dict[str, Any]]) -> bool:
+        undone = self._undo_operation(operation, expected)
         for previous in replaced:
             self._patch(previous["id"], content=previous["content"], tags=previous["tags"],
                         importance=previous["importance"], metadata=previous["metadata"],
-                        t_invalid=previous.get("t_invalid"))
+                        t_invalid=previous.get("t_invalid"), t_valid=previous.get("t_valid"),
+                        not_found=None)
+        return undone
 
     def _find_key(self, draft: MemoryDraft) -> dict[str, Any] | None:
-        for server in self._list_tagged(f"key:{draft.key}", kind="memory",
-                                        user_id=draft.user_id):
-            layer = _layer(server)
+        assert draft.key is not None
+        tag = mapping.key_tag(draft.user_id, draft.agent_id, draft.namespace, draft.key)
+        for server in self._list_tagged(tag, kind="memory", user_id=draft.user_id):
+            layer = layer_of(server)
             if (layer.get("key") == draft.key and layer.get("agent_id") == draft.agent_id
                     and layer.get("namespace") == draft.namespace):
                 return server
@@ -681,10 +830,12 @@ class AutomemDriver(BaseMemoryDriver):
         found: list[dict[str, Any]] = []
         offset = 0
         while True:
-            body = self._request("GET", "/memory/by-tag", params=[
+            body = self._http.request("GET", "/memory/by-tag", params=[
                 ("tags", tag), ("limit", LIST_PAGE), ("offset", offset)])
-            for server in body.get("memories") or []:
-                layer = _layer(server)
+            for server in _list(body.get("memories")):
+                if not isinstance(server, dict):
+                    continue
+                layer = layer_of(server)
                 if ((kind is None or layer.get("kind") == kind)
                         and (user_id is None or layer.get("user_id") == user_id)
                         and (doc_id is None or layer.get("doc_id") == doc_id)
@@ -694,176 +845,144 @@ class AutomemDriver(BaseMemoryDriver):
                 return found
             offset += LIST_PAGE
 
-    def _user_record(self, user_id: str) -> dict[str, Any] | None:
-        records = self._list_tagged(f"user:{user_id}", kind="user", user_id=user_id)
-        return records[0] if records else None
+    def _scan(self, filters: RecallFilters, now: datetime, *,
+              include_deleted: bool = False) -> list[Memory]:
+        """Every memory of ``filters``, newest first, read by listing (not ranked)."""
+        memories = [m for m in (memory_from_server(s, s.get("id")) for s in
+                                self._list_tagged(mapping.user_tag(filters.user_id),
+                                                  kind="memory", user_id=filters.user_id))
+                    if m is not None and visible(m, filters, now,
+                                                 include_deleted=include_deleted)]
+        memories.sort(key=mapping.micros, reverse=True)
+        return memories
+
+    def _complete(self, found: list[Memory], server_of: dict[str, dict[str, Any]],
+                  filters: RecallFilters, text: str | None, terms: set[str], top_k: int,
+                  now: datetime) -> list[Memory]:
+        """``found`` filled up to ``top_k`` from a full listing (see ``recall``)."""
+        servers = {s["id"]: s for s in self._list_tagged(mapping.user_tag(filters.user_id),
+                                                         kind="memory", user_id=filters.user_id)}
+        listed = [m for m in (memory_from_server(s, i) for i, s in servers.items())
+                  if m is not None and visible(m, filters, now)]
+        if not text:
+            listed.sort(key=mapping.micros, reverse=True)
+            for memory in listed:
+                memory["score"] = 1.0
+                server_of[memory["id"]] = servers[memory["id"]]
+            return listed
+        words = set(ranking.query_terms(text))
+        floor = min((m["score"] for m in found), default=1.0)
+        extra = []
+        for memory in listed:
+            if memory["id"] in server_of:
+                continue
+            shared = words & set(ranking.query_terms(memory["content"]))
+            if terms and not shared:
+                continue
+            memory["score"] = min(floor, round(len(shared) / max(1, len(words)), 6))
+            extra.append(memory)
+            server_of[memory["id"]] = servers[memory["id"]]
+        extra.sort(key=lambda m: (m["score"], m["created_at"]), reverse=True)
+        return found + extra
+
+    def _count_access(self, memories: list[Memory], server_of: dict[str, dict[str, Any]],
+                      now: datetime) -> list[Memory]:
+        """Count one access of each memory (concurrently); drop the ones deleted meanwhile."""
+        if not memories:
+            return memories
+
+        def count(memory: Memory) -> bool:
+            server = server_of[memory["id"]]
+            metadata = dict(server.get("metadata") or {})
+            layer = dict(layer_of(server))
+            layer["access_count"] = int(layer.get("access_count") or 0) + 1
+            layer["last_accessed_at"] = now.isoformat()
+            metadata[LAYER] = layer
+            try:
+                self._settle(server)
+                answer = self._patch(memory["id"], metadata=metadata,
+                                     last_accessed=now.isoformat(), not_found=None)
+            except BackendUnavailableError as exc:
+                log.warning("AutoMem: an access count was not recorded (%s)", exc)
+                answer = {}
+            except InvalidInputError:
+                answer = {}
+            if answer is None:
+                return False  # deleted by someone else since the search: a race, not a failure
+            memory["access_count"] = layer["access_count"]
+            memory["last_accessed_at"] = now
+            return True
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=ACCESS_WORKERS,
+                                            thread_name_prefix="automem-access")
+        kept = list(self._pool.map(count, memories))
+        return [memory for memory, alive in zip(memories, kept, strict=True) if alive]
+
+    def _user_records(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's records, newest first (``set_profile`` replaces rather than patches)."""
+        records = self._list_tagged(mapping.user_tag(user_id), kind="user", user_id=user_id)
+        records.sort(key=lambda r: (str(layer_of(r).get("updated_at") or ""), str(r["id"])),
+                     reverse=True)
+        return records
 
     def _write_user(self, user_id: str, name: str | None, profile: dict[str, Any],
-                    record: dict[str, Any] | None) -> None:
+                    records: list[dict[str, Any]]) -> None:
+        """Store the user's record anew, then delete the older ones: enrichment may undo a
+        PATCH of a fresh record's metadata, but never what the store itself wrote."""
         now = datetime.now(UTC).isoformat()
-        created = _layer(record).get("created_at") if record else now
+        created = layer_of(records[0]).get("created_at") if records else now
+        operation = uuid.uuid4().hex
         metadata = {LAYER: {"kind": "user", "user_id": user_id, "display_name": name,
                             "profile": profile, "created_at": created, "updated_at": now}}
-        if record is None:
-            self._request("POST", "/memory", creates=True, body={
-                "content": f"User record {user_id}", "tags": [USER_TAG, f"user:{user_id}"],
-                "importance": 0.5, "metadata": metadata})
-        else:
-            self._patch(record["id"], metadata=metadata)
-
-    def _record_access(self, memory: Memory, metadata: dict[str, Any], now: datetime) -> None:
-        """Count one access, patching the metadata the recall just read (no extra GET)."""
-        layer = metadata[LAYER]
-        layer["access_count"] = int(layer.get("access_count") or 0) + 1
-        layer["last_accessed_at"] = now.isoformat()
-        self._patch(memory["id"], metadata=metadata, last_accessed=now.isoformat())
-        memory["access_count"] = layer["access_count"]
-        memory["last_accessed_at"] = now
+        self._create_all([{"content": f"User record {user_id}", "importance": 0.5,
+                       "tags": [USER_TAG, f"user:{user_id}", mapping.user_tag(user_id),
+                                mapping.operation_tag(operation)],
+                       "metadata": metadata}], operation)
+        for record in records:
+            self._delete_id(record["id"])
 
 
 # -- module helpers -------------------------------------------------------------------------
 
 
-def _scope_tags(filters: RecallFilters) -> list[str]:
-    tags = [f"user:{filters.user_id}"]
-    for prefix, value in (("agent", filters.agent_id), ("conversation", filters.conversation_id),
-                          ("namespace", filters.namespace)):
-        if value is not None:
-            tags.append(f"{prefix}:{value}")
-    return tags
+def _raise_undone(exc: Exception, undone: bool) -> NoReturn:
+    """Re-raise the failure of a store whose writes were undone, saying whether they all were."""
+    if isinstance(exc, OutcomeUnknownError):
+        if undone:
+            raise BackendUnavailableError(
+                f"{exc}; everything the call stored was deleted again") from exc
+        raise BackendUnavailableError(
+            f"{exc}; some memories of the call may remain (they carry one ml:op: tag)") from exc
+    raise exc
 
 
-def _server_item(draft: MemoryDraft, now: datetime) -> dict[str, Any]:
-    """The body of ``POST /memory`` (and a batch item) for ``draft``."""
-    tags = [MEMORY_TAG, f"user:{draft.user_id}", f"namespace:{draft.namespace}"]
-    for prefix, value in (("agent", draft.agent_id), ("conversation", draft.conversation_id),
-                          ("key", draft.key)):
-        if value is not None:
-            tags.append(f"{prefix}:{value}")
-    tags += [tag for tag in draft.tags if tag not in tags]
-    layer = {"kind": "memory", "user_id": draft.user_id, "agent_id": draft.agent_id,
-             "conversation_id": draft.conversation_id, "namespace": draft.namespace,
-             "key": draft.key, "tags": draft.tags, "access_count": 0, "last_accessed_at": None,
-             "expires_at": draft.expires_at.isoformat() if draft.expires_at else None,
-             "deleted_at": None, "created_at": now.isoformat(), "updated_at": now.isoformat()}
-    return {"content": draft.content, "tags": tags, "importance": draft.importance,
-            "timestamp": now.isoformat(), "metadata": {LAYER: layer, "data": draft.metadata}}
+def _server_extras(server: dict[str, Any]) -> list[str]:
+    """The tags the server added (``entity:...``), kept when the driver rewrites its own."""
+    return [tag for tag in server.get("tags") or []
+            if isinstance(tag, str) and not tag.startswith(_OURS)]
 
 
-def _layer(server: dict[str, Any] | None) -> dict[str, Any]:
-    if not server:
-        return {}
-    metadata = server.get("metadata")
-    if not isinstance(metadata, dict):
-        return {}
-    layer = metadata.get(LAYER)
-    return layer if isinstance(layer, dict) else {}
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
-def _memory_from_server(server: dict[str, Any], memory_id: Any) -> Memory | None:
-    """The contract's record of a server memory; ``None`` if it is not one of this driver's."""
-    layer = _layer(server)
-    if layer.get("kind") != "memory" or not memory_id:
+def _json_object(response: Any) -> dict[str, Any] | None:
+    try:
+        decoded = response.json()
+    except ValueError:
         return None
-    created = _parse_time(layer.get("created_at")) or _parse_time(server.get("timestamp"))
-    updated = (_parse_time(layer.get("updated_at")) or _parse_time(server.get("updated_at"))
-               or created)
-    return {
-        "id": str(memory_id),
-        "user_id": layer.get("user_id", ""),
-        "agent_id": layer.get("agent_id"),
-        "conversation_id": layer.get("conversation_id"),
-        "namespace": layer.get("namespace", DEFAULT_NAMESPACE),
-        "key": layer.get("key"),
-        "content": server.get("content", ""),
-        "tags": list(layer.get("tags") or []),
-        "metadata": dict((server.get("metadata") or {}).get("data") or {}),
-        "importance": float(server.get("importance", 0.5)),
-        "access_count": int(layer.get("access_count") or 0),
-        "last_accessed_at": _parse_time(layer.get("last_accessed_at")),
-        "expires_at": _parse_time(layer.get("expires_at")),
-        "deleted_at": _parse_time(layer.get("deleted_at")),
-        "created_at": created or datetime.now(UTC),
-        "updated_at": updated or datetime.now(UTC),
-    }
+    return decoded if isinstance(decoded, dict) else None
 
 
-def _knowledge_from_server(server: dict[str, Any], layer: dict[str, Any],
-                           score: float) -> Knowledge:
-    return {
-        "id": f"{layer.get('doc_id')}#{layer.get('chunk_index')}",
-        "doc_id": layer.get("doc_id", ""),
-        "category": layer.get("category", ""),
-        "title": layer.get("title"),
-        "content": server.get("content", ""),
-        "chunk_index": int(layer.get("chunk_index") or 0),
-        "metadata": dict(layer.get("document_metadata") or {}),
-        "created_at": _parse_time(layer.get("updated_at")) or datetime.now(UTC),
-        "score": score,
-    }
-
-
-def _visible(memory: Memory, filters: RecallFilters, now: datetime, *,
-             include_deleted: bool = False) -> bool:
-    """The client-side check every result passes, whatever the server returned."""
-    if memory["user_id"] != filters.user_id:
+def _is_server_id(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
         return False
-    if memory["expires_at"] is not None and memory["expires_at"] <= now:
-        return False
-    if memory["deleted_at"] is not None and not include_deleted:
-        return False
-    for field in ("agent_id", "conversation_id", "namespace"):
-        wanted = getattr(filters, field)
-        if wanted is not None and memory[field] != wanted:
-            return False
-    if filters.min_importance is not None and memory["importance"] < filters.min_importance:
-        return False
-    own = set(memory["tags"])
-    return set(filters.tags) <= own and not own & set(filters.exclude_tags)
-
-
-def _counts(servers: list[dict[str, Any]], now: datetime) -> dict[str, int]:
-    counts = {"visible": 0, "deleted": 0, "expired": 0}
-    for server in servers:
-        layer = _layer(server)
-        expires = _parse_time(layer.get("expires_at"))
-        if expires is not None and expires <= now:
-            counts["expired"] += 1
-        elif layer.get("deleted_at"):
-            counts["deleted"] += 1
-        else:
-            counts["visible"] += 1
-    return counts
 
 
 def _check_server_limit(content: str, name: str) -> None:
     if len(content) > SERVER_CONTENT_LIMIT:
         raise InvalidInputError(f"{name} must be at most {SERVER_CONTENT_LIMIT} characters with "
                                 "the automem driver (the AutoMem service's limit)")
-
-
-def _fit_server_limit(chunk: str) -> list[str]:
-    """``chunk`` cut into pieces the server accepts (chunks are word-bounded, words may be long)."""
-    return [chunk[start:start + SERVER_CONTENT_LIMIT]
-            for start in range(0, len(chunk), SERVER_CONTENT_LIMIT)] or [chunk]
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value or not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-
-
-def _micros(memory: Memory) -> int:
-    return int(memory["created_at"].timestamp() * 1_000_000)
-
-
-def _clip(value: Any) -> float:
-    try:
-        return round(min(1.0, max(0.0, float(value))), 6)
-    except (TypeError, ValueError):
-        return 0.0

@@ -50,6 +50,7 @@ from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.embeddings import (
     Embedder,
     identity_check,
+    identity_mismatch,
 )
 from app.core.memory.errors import (
     BackendUnavailableError,
@@ -291,6 +292,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         )
         vectors = self._embed_documents([draft.content])
         with self._connection() as conn:
+            self._check_written_identity(conn)
             row = conn.execute(_UPSERT_MEMORY, _upsert_params(draft, vectors[0], now)).fetchone()
         return _memory_from_row(row)
 
@@ -309,6 +311,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         vectors = self._embed_documents(chunks)
         now = _utcnow()
         with self._connection() as conn:
+            self._check_written_identity(conn)
             # One statement per step, one transaction: readers see the old chunks or the new.
             document = conn.execute(
                 "INSERT INTO knowledge_documents (doc_id, category, title, metadata, chunk_count, "
@@ -416,6 +419,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         if changes.is_empty:
             assignments = ["updated_at = m.updated_at"]
         with self._connection() as conn:
+            if vector is not None:
+                self._check_written_identity(conn)
             row = conn.execute(
                 f"UPDATE memories m SET {', '.join(assignments)} "
                 f"WHERE {_BY_ID} AND m.deleted_at IS NULL RETURNING {_MEMORY_COLUMNS}",
@@ -435,6 +440,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         vectors: np.ndarray | None = next(chunks)
         rows: list[tuple[Any, ...]] = []
         with self._connection() as conn, conn.cursor() as cursor:
+            self._check_written_identity(conn)
             while vectors is not None:
                 part = drafts[len(rows):len(rows) + len(vectors)]
                 cursor.executemany(
@@ -619,6 +625,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         vectors = self._import_vectors(records, vectors_from)
         refused = []
         with self._connection() as conn:
+            self._check_written_identity(conn)
             for index, (record, record_vectors) in enumerate(zip(records, vectors, strict=True)):
                 reason = transfer.write_record(conn, record, record_vectors, _vector_literal,
                                                _jsonb)
@@ -671,6 +678,17 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                     )
                 self._schema_checked = True
             yield conn
+
+    def _check_written_identity(self, conn: Any) -> None:
+        """Refuse a vector write unless the recorded model is this driver's (another process may
+        have re-embedded the store since this one checked). ``FOR SHARE`` holds a re-embed's swap
+        off until this write's transaction ends. Added for issue 15 (faults)."""
+        row = conn.execute("SELECT model, dimension FROM embedding_identity WHERE id = 1 "
+                           "FOR SHARE").fetchone()
+        model, dimension = self.embedder.model_name, self.embedder.dimension
+        if row is not None and (row[0], row[1]) != (model, dimension):
+            stored = {"model": row[0], "dimension": row[1]}
+            raise identity_mismatch(self._identity_location, stored, model, dimension)
 
     def _set_deleted(self, memory_id: str, user_id: str | None, *, deleted: bool) -> bool:
         """Soft-delete (or restore) one unexpired memory; whether it changed state."""

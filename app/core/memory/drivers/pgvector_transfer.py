@@ -99,24 +99,35 @@ def read_documents(conn: Any, with_embeddings: bool) -> Iterator[PortableDocumen
 
 def write_record(conn: Any, record: PortableRecord, vectors: list[np.ndarray],
                  literal: Callable[[np.ndarray], str], jsonb: Callable[[Any], Any]) -> str | None:
-    """Write one record under a savepoint; the reason it was refused, or ``None``."""
+    """Write one record under a savepoint of the batch's transaction; the reason it was
+    refused, or ``None``. Any other error leaves the savepoint open for the caller's transaction
+    to roll back, batch and all.
+
+    Explicit ``SAVEPOINT`` statements, not ``conn.transaction()``: on a connection with no
+    transaction open yet, the latter is a transaction of its own and commits the record at once,
+    so a batch that failed later kept its first records (issue 15, item 9). The statement below
+    opens the batch's transaction (psycopg's implicit ``BEGIN``) when none is open.
+    """
     from psycopg import errors
 
+    conn.execute("SAVEPOINT import_record")
     try:
-        with conn.transaction():
-            if record["type"] == "memory":
-                return _write_memory(conn, record, literal(vectors[0]), jsonb)
-            if record["type"] == "knowledge_document":
-                _write_document(conn, record, [literal(vector) for vector in vectors], jsonb)
-            else:
-                _write_user(conn, record, jsonb)
+        reason = None
+        if record["type"] == "memory":
+            reason = _write_memory(conn, record, literal(vectors[0]), jsonb)
+        elif record["type"] == "knowledge_document":
+            _write_document(conn, record, [literal(vector) for vector in vectors], jsonb)
+        else:
+            _write_user(conn, record, jsonb)
     except errors.IntegrityError as exc:
+        conn.execute("ROLLBACK TO SAVEPOINT import_record")
         if record["type"] == "memory" and record["key"] is not None and \
                 isinstance(exc, errors.UniqueViolation):
             return (f"memory.key {record['key']!r} is held by another memory of user "
                     f"{record['user_id']!r} (same agent and namespace) here")
         return f"refused by the database ({type(exc).__name__})"
-    return None
+    conn.execute("RELEASE SAVEPOINT import_record")
+    return reason
 
 
 def _write_memory(conn: Any, memory: PortableMemory, vector: str,

@@ -7,6 +7,11 @@ migrate.py``); the driver issues no DDL and raises ``SchemaNotMigratedError`` on
 How it works:
 - WAL, ``busy_timeout`` and foreign keys on every connection; one connection per thread; every
   write is one ``BEGIN IMMEDIATE`` transaction, every search one read transaction (one snapshot).
+- Connections and faults (see ``_connection``): a thread's connection is closed when the thread
+  ends; one that met a schema error is discarded (the next call opens a new one); the file is
+  never created by the driver, and a file deleted or replaced under it is noticed on every call.
+  Writers of one process queue on a lock, then wait for other processes' writers, all within
+  ``busy_timeout_ms`` (the write budget); a recall's access-count write never fails the recall.
 - Keywords: FTS5 with bm25 over memory content (``porter unicode61`` tokenizer).
 - Vectors: float32 blobs in the rows, and in memory one matrix per user (``vector_cache.py``),
   synced before each search from per-user sequence numbers that triggers maintain, so a recall
@@ -20,15 +25,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -45,6 +52,7 @@ from app.core.memory.drivers.vector_cache import VectorCache
 from app.core.memory.embeddings import (
     Embedder,
     identity_check,
+    identity_mismatch,
 )
 from app.core.memory.errors import (
     BackendUnavailableError,
@@ -100,17 +108,66 @@ _MEMORY_COLUMNS = (
 )
 
 
-def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn sqlite3 exceptions escaping a public verb into the contract's errors."""
+#: How long a recall's access-count write waits for the write lock before it is deferred.
+ACCESS_WRITE_WAIT_MS = 50
+#: Deferred access counts kept at most (memory ids); beyond it the oldest are dropped.
+MAX_PENDING_ACCESS = 10_000
+
+
+def _translate_errors(
+    method: Callable[Concatenate[SqliteDriver, P], R],
+) -> Callable[Concatenate[SqliteDriver, P], R]:
+    """Turn sqlite3 exceptions escaping a public verb into the contract's errors.
+
+    A connection that failed for any reason but lock contention is discarded: after a schema
+    change under it (``migrate.py fresh``) an SQLite connection can keep failing with "no such
+    table" for good, while a new one works.
+    """
 
     @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(self: SqliteDriver, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
+            if not _is_lock_contention(exc):
+                self._discard_connection()
             raise _contract_error(exc) from exc
 
     return wrapper
+
+
+class _ThreadConnection:
+    """One thread's connection, closed when that thread ends.
+
+    Only the thread's ``threading.local`` slot holds it strongly (the driver's registry holds it
+    weakly, for ``close()``); CPython frees a thread's local slots when the thread finishes, and
+    ``__del__`` then closes the connection, so short-lived threads leave no open files behind.
+    """
+
+    __slots__ = ("__weakref__", "busy_timeout_ms", "connection", "file")
+
+    def __init__(self, connection: sqlite3.Connection, file: tuple[int, int],
+                 busy_timeout_ms: int) -> None:
+        self.connection = connection
+        #: (device, inode) of the database file this connection opened.
+        self.file = file
+        self.busy_timeout_ms = busy_timeout_ms
+
+    def close(self) -> None:
+        # Closing twice, or a connection already broken: nothing left to release.
+        with suppress(sqlite3.Error):
+            self.connection.close()
+
+    def __del__(self) -> None:
+        # Also runs at interpreter shutdown, when module globals (sqlite3, suppress) may be gone.
+        try:  # noqa: SIM105
+            self.connection.close()
+        except Exception:  # noqa: BLE001, S110 - nothing to report to at that point
+            pass
+
+
+class _WriteLockTimeout(BackendUnavailableError):
+    """The write lock stayed taken for the whole budget (nothing was written)."""
 
 
 class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
@@ -120,7 +177,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
 
     def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
                  busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
-                 vector_cache_max_vectors: int = 2_000_000,
+                 vector_cache_max_vectors: int = 2_000_000, vector_cache_max_bytes: int = 0,
                  weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS) -> None:
         if str(path) == MEMORY_DATABASE:
             raise InvalidInputError(
@@ -132,11 +189,16 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         self._busy_timeout_ms = busy_timeout_ms
         self._retention = retention
         self._vector_cache_max = vector_cache_max_vectors
+        self._vector_cache_max_bytes = vector_cache_max_bytes
         self._weights = weights
         self._vectors: VectorCache | None = None
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._open: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._lock = threading.Lock()
+        # Threads of this process queue here instead of in SQLite's sleep-and-retry busy loop.
+        self._write_lock = threading.RLock()
+        self._pending_access: dict[str, tuple[int, float]] = {}
+        self._access_lock = threading.Lock()
         self._closed = False
         self._schema_checked = False
         self._identity_checked = False
@@ -152,6 +214,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             retention=timedelta(days=settings.soft_delete_retention_days),
             vector_cache_max_vectors=settings.vector_cache_max_vectors,
+            vector_cache_max_bytes=settings.vector_cache_max_bytes,
         )
 
     # -- the six verbs of the original design ---------------------------------------------------
@@ -246,7 +309,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             now=now,
         )
         vectors = self._embed_documents([draft.content])
-        with self._write() as conn:
+        with self._write(vectors=True) as conn:
             pk = self._write_memory(conn, draft, vectors[0], now.timestamp())
             rows = self._memory_rows(conn, [pk])
         return _memory_from_row(rows[0])
@@ -265,7 +328,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         chunks = chunk_text(draft.content)
         vectors = self._embed_documents(chunks)
         now = time.time()
-        with self._write() as conn:
+        with self._write(vectors=True) as conn:
             existing = conn.execute(
                 "SELECT pk FROM knowledge_documents WHERE doc_id = ?", (doc_id,)
             ).fetchone()
@@ -372,7 +435,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 params.append(value)
         if changes.clear_expiry:
             assignments.append("expires_at = NULL")
-        with self._write() as conn:
+        with self._write(vectors=vector is not None) as conn:
             pk = self._visible_pk(conn, memory_id, user_id, now.timestamp())
             if pk is None:
                 return None
@@ -389,7 +452,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         if not drafts:
             return []
         vectors = self._embed_documents([draft.content for draft in drafts])
-        with self._write() as conn:
+        with self._write(vectors=True) as conn:
             pks = [self._write_memory(conn, draft, vector, now.timestamp())
                    for draft, vector in zip(drafts, vectors, strict=True)]
             rows = {row["pk"]: row for row in self._memory_rows(conn, pks)}
@@ -575,7 +638,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                        vectors_from: dict[str, Any] | None = None) -> list[tuple[int, str]]:
         vectors = self._import_vectors(records, vectors_from)
         refused = []
-        with self._write() as conn:
+        with self._write(vectors=True) as conn:
             for index, (record, record_vectors) in enumerate(zip(records, vectors, strict=True)):
                 reason = transfer.write_record(conn, record, record_vectors)
                 if reason is not None:
@@ -596,24 +659,69 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.close()
+            holders = list(self._open)
+            self._open.clear()
+        for holder in holders:
+            holder.close()
         self._vectors = None
 
     # -- private helpers ----------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection to the file now at ``self.path``.
+
+        Every call checks (one ``stat``) that the file still exists and is the one this thread's
+        connection opened: a deleted file is ``SchemaNotMigratedError`` (never a new, empty
+        database, never a write acknowledged into an unlinked file); a replaced one (a restored
+        backup) gets a new connection.
+        """
         if self._closed:
             raise BackendUnavailableError("this SqliteDriver is closed")
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = open_sqlite(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        file = self._file_identity()
+        holder: _ThreadConnection | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.file != file:
+            self._discard_connection()
+            holder = None
+        if holder is None:
+            try:
+                connection = open_sqlite(self.path, busy_timeout_ms=self._busy_timeout_ms,
+                                         create=False)
+            except sqlite3.OperationalError as exc:
+                if not self.path.exists():
+                    raise self._missing_file_error() from exc
+                raise
             connection.row_factory = sqlite3.Row
+            holder = _ThreadConnection(connection, file, self._busy_timeout_ms)
             with self._lock:
-                self._connections.append(connection)
-            self._local.connection = connection
-        return connection
+                if self._closed:
+                    holder.close()
+                    raise BackendUnavailableError("this SqliteDriver is closed")
+                self._open.add(holder)
+            self._local.holder = holder
+        return holder.connection
+
+    def _file_identity(self) -> tuple[int, int]:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            self._discard_connection()
+            raise self._missing_file_error() from None
+        return stat.st_dev, stat.st_ino
+
+    def _missing_file_error(self) -> SchemaNotMigratedError:
+        return SchemaNotMigratedError(
+            f"the SQLite database file {self.path} does not exist (deleted, or never created); "
+            "the driver does not create one: run `python migrate.py`"
+        )
+
+    def _discard_connection(self) -> None:
+        """Close this thread's connection; the next call opens a new one and checks the schema."""
+        holder: _ThreadConnection | None = self._local.__dict__.pop("holder", None)
+        if holder is not None:
+            with self._lock:
+                self._open.discard(holder)
+            holder.close()
+        self._schema_checked = False
 
     def _schema_ready(self) -> sqlite3.Connection:
         conn = self._connection()
@@ -624,6 +732,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             except sqlite3.OperationalError:
                 ran = None
             if ran is None:
+                self._discard_connection()
                 raise SchemaNotMigratedError(
                     f"the SQLite database {self.path} is not migrated: run `python migrate.py`"
                 )
@@ -641,20 +750,72 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 conn.execute("COMMIT")
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._schema_ready()
-        conn.execute("BEGIN IMMEDIATE")
+    def _write(self, *, wait_ms: int | None = None,
+               vectors: bool = False) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction, committed if the block succeeds.
+
+        ``vectors``: the block writes vectors, so the store's recorded embedding identity is
+        read first (one primary-key lookup) and must be this driver's model; another process may
+        have re-embedded the store with another model since this one checked
+        (``EmbeddingMismatchError``, nothing written).
+
+        Waits at most ``wait_ms`` (default: the write budget, ``busy_timeout_ms``) in all for the
+        write lock: first behind this process's other writers, then behind other processes'
+        (SQLite's busy handler, given what is left). Past it: ``_WriteLockTimeout``, a
+        ``BackendUnavailableError`` naming the budget, with nothing written.
+        """
+        budget_ms = self._busy_timeout_ms if wait_ms is None else wait_ms
+        started = time.monotonic()
+        if not self._write_lock.acquire(timeout=budget_ms / 1000):
+            raise self._lock_timeout(budget_ms)
         try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn = self._schema_ready()
+            holder: _ThreadConnection = self._local.holder
+            left_ms = max(0, budget_ms - int((time.monotonic() - started) * 1000))
+            if holder.busy_timeout_ms != left_ms:
+                conn.execute(f"PRAGMA busy_timeout = {left_ms}")
+                holder.busy_timeout_ms = left_ms
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _is_lock_contention(exc):
+                    raise self._lock_timeout(budget_ms) from exc
+                raise
+            try:
+                if vectors:
+                    self._check_written_identity(conn)
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # Never leave the transaction open: the connection would fail every later call.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if self._file_identity() != holder.file:
+                raise BackendUnavailableError(
+                    f"the SQLite database file {self.path} was replaced during the write, "
+                    "which went to the old file: repeat it"
+                )
+        finally:
+            self._write_lock.release()
+
+    def _check_written_identity(self, conn: sqlite3.Connection) -> None:
+        stored = _stored_identity(conn)
+        model, dimension = self.embedder.model_name, self.embedder.dimension
+        if stored is not None and stored != {"model": model, "dimension": dimension}:
+            raise identity_mismatch(str(self.path), stored, model, dimension)
+
+    def _lock_timeout(self, budget_ms: int) -> _WriteLockTimeout:
+        return _WriteLockTimeout(
+            f"the SQLite database {self.path} stayed locked by other writers for the whole write "
+            f"budget of {budget_ms} ms (busy_timeout_ms, MEMORY_SQLITE_BUSY_TIMEOUT_MS); nothing "
+            "was written: try again, or raise the budget"
+        )
 
     def _vector_cache(self) -> VectorCache:
         if self._vectors is None:
-            self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max)
+            self._vectors = VectorCache(self.embedder.dimension, self._vector_cache_max,
+                                        max_bytes=self._vector_cache_max_bytes)
         return self._vectors
 
     def _set_deleted(self, memory_id: str, user_id: str | None, *, deleted: bool) -> bool:
@@ -702,6 +863,10 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             return transfer.reembed_finish(conn, model, dimension, embed)
 
     def _record_identity(self, model: str, dimension: int) -> dict[str, Any] | None:
+        with self._read() as conn:
+            stored = _stored_identity(conn)
+        if stored is not None:
+            return stored  # the common case needs no write lock, so recall never waits for one
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO embedding_identity (id, model, dimension, recorded_at) "
@@ -788,14 +953,36 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         return int(cursor.lastrowid or 0)
 
     def _record_access(self, memories: list[Memory], now: float) -> None:
+        """Count an access to each of ``memories`` (and in the records returned).
+
+        Best effort by design: the counts are bookkeeping, and a recall must not fail or stall
+        because writers hold the lock. The write waits ``ACCESS_WRITE_WAIT_MS`` at most; if it
+        cannot get the lock, the counts are kept in this process and written with the next
+        recall's (at most ``MAX_PENDING_ACCESS`` memories are kept; a process that ends first
+        loses them).
+        """
         if not memories:
             return
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE memories SET access_count = access_count + 1, last_accessed_at = ? "
-                "WHERE id IN (SELECT value FROM json_each(?))",
-                (now, json.dumps([memory["id"] for memory in memories])),
-            )
+        with self._access_lock:
+            batch, self._pending_access = self._pending_access, {}
+        for memory in memories:
+            count, _ = batch.pop(memory["id"], (0, now))
+            batch[memory["id"]] = (count + 1, now)
+        try:
+            with self._write(wait_ms=min(ACCESS_WRITE_WAIT_MS, self._busy_timeout_ms)) as conn:
+                conn.executemany(
+                    "UPDATE memories SET access_count = access_count + ?, "
+                    "last_accessed_at = MAX(COALESCE(last_accessed_at, 0), ?) WHERE id = ?",
+                    [(count, at, memory_id) for memory_id, (count, at) in batch.items()],
+                )
+        except _WriteLockTimeout:
+            with self._access_lock:
+                for memory_id, (count, at) in self._pending_access.items():
+                    earlier, _ = batch.pop(memory_id, (0, at))
+                    batch[memory_id] = (earlier + count, at)
+                while len(batch) > MAX_PENDING_ACCESS:
+                    del batch[next(iter(batch))]
+                self._pending_access = batch
         accessed = from_epoch(now)
         for memory in memories:
             memory["access_count"] += 1
@@ -899,6 +1086,11 @@ def _document_from_row(row: sqlite3.Row) -> KnowledgeDocument:
         "created_at": from_epoch(row["created_at"]),
         "updated_at": from_epoch(row["updated_at"]),
     }
+
+
+def _is_lock_contention(exc: sqlite3.Error) -> bool:
+    message = str(exc)
+    return "locked" in message or "busy" in message
 
 
 def _contract_error(exc: sqlite3.Error) -> MemoryDriverError:

@@ -8,22 +8,34 @@ than the copy, see the SQLite migration). The copy may hold rows that are soft-d
 filtered out: callers check candidates against the database, which stays the source of truth.
 
 ``VectorCache`` keeps the spaces of the most recently used users and evicts the least recently
-used ones beyond ``max_vectors`` in total (a space is rebuilt from the database when needed again).
+used ones beyond its byte budget (a space is rebuilt from the database when needed again). The
+budget counts what a space really holds: its matrix and key arrays at their allocated capacity,
+its pk index, and a fixed per-space overhead, so 20,000 users of one memory each cost what they
+occupy, not one vector each. The budget is ``max_bytes``, by default the bytes of ``max_vectors``
+vectors. The space in use is never evicted, so one space bigger than the budget still works.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
+
+from app.core.memory.errors import EmbeddingMismatchError
+
+#: What a space costs beyond its arrays: the object, its lock, dict and version (measured ~1 KB).
+SPACE_OVERHEAD_BYTES = 2_048
+#: What one entry of a space's pk -> position dict costs (two ints and the slot, measured ~100).
+POSITION_BYTES = 120
 
 
 class VectorSpace:
     """One space's vectors: ``pks[i]`` is the row key of ``matrix[i]``. Guard use with ``lock``."""
 
-    def __init__(self, dimension: int) -> None:
+    def __init__(self, dimension: int, on_grow: Callable[[VectorSpace], None] | None = None
+                 ) -> None:
         self.lock = threading.Lock()
         self.dimension = dimension
         self.size = 0
@@ -32,6 +44,15 @@ class VectorSpace:
         self.positions: dict[int, int] = {}
         #: The database's (last_seq, removed) this copy reflects; None until the first load.
         self.version: tuple[int, int] | None = None
+        #: Called (with this space) after its arrays grew, so that the cache can evict others.
+        self._on_grow = on_grow
+
+    @property
+    def nbytes(self) -> int:
+        """What this space occupies: arrays and pk index at capacity, the fixed overhead. It
+        changes only when the arrays grow, which is when the cache is told."""
+        return (self.matrix.nbytes + self.pks.nbytes + POSITION_BYTES * self.pks.shape[0]
+                + SPACE_OVERHEAD_BYTES)
 
     def clear(self) -> None:
         self.size = 0
@@ -45,8 +66,12 @@ class VectorSpace:
         for pk, blob in rows:
             vector = np.frombuffer(blob, dtype=np.float32)
             if vector.shape[0] != self.dimension:
-                raise ValueError(f"stored vector of row {pk} has {vector.shape[0]} dimensions, "
-                                 f"expected {self.dimension}")
+                # Another process re-embedded the store with a model of another size.
+                raise EmbeddingMismatchError(
+                    f"stored vector of row {pk} has {vector.shape[0]} dimensions but the "
+                    f"configured model makes {self.dimension}: the store was re-embedded with "
+                    "another model; configure that model (MEMORY_EMBEDDING_MODEL) and restart, "
+                    "or run `python -m app reembed` to switch it back")
             position = self.positions.get(pk)
             if position is None:
                 position = self.size
@@ -74,21 +99,30 @@ class VectorSpace:
         capacity = self.pks.shape[0]
         if needed <= capacity:
             return
-        new_capacity = max(needed, 2 * capacity, 64)
+        # Exactly what a first load needs (most spaces are loaded once and grow little), then
+        # doubling; no fixed minimum, which made every one-memory user cost 64 vectors.
+        new_capacity = max(needed, 2 * capacity)
         matrix = np.empty((new_capacity, self.dimension), dtype=np.float32)
         matrix[: self.size] = self.matrix[: self.size]
         pks = np.empty(new_capacity, dtype=np.int64)
         pks[: self.size] = self.pks[: self.size]
         self.matrix, self.pks = matrix, pks
+        if self._on_grow is not None:
+            self._on_grow(self)
 
 
 class VectorCache:
-    """Spaces by name, least recently used evicted beyond ``max_vectors`` vectors in total."""
+    """Spaces by name, least recently used evicted beyond ``max_bytes`` in total (default: the
+    bytes of ``max_vectors`` vectors), counting each space's real footprint (see the module)."""
 
-    def __init__(self, dimension: int, max_vectors: int) -> None:
+    def __init__(self, dimension: int, max_vectors: int, *, max_bytes: int | None = None) -> None:
         self.dimension = dimension
         self.max_vectors = max_vectors
+        self.max_bytes = max_bytes if max_bytes else max_vectors * dimension * 4
         self._spaces: OrderedDict[str, VectorSpace] = OrderedDict()
+        #: Each cached space's bytes as last counted, and their sum (kept, not recomputed).
+        self._counted: dict[int, int] = {}
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def space(self, name: str) -> VectorSpace:
@@ -96,24 +130,44 @@ class VectorCache:
         with self._lock:
             space = self._spaces.get(name)
             if space is None:
-                space = VectorSpace(self.dimension)
+                space = VectorSpace(self.dimension, on_grow=self._grown)
                 self._spaces[name] = space
+                self._count(space)
             self._spaces.move_to_end(name)
-            self._evict(keep=name)
+            self._evict(keep=space)
             return space
 
     def drop(self, name: str) -> None:
         with self._lock:
-            self._spaces.pop(name, None)
+            space = self._spaces.pop(name, None)
+            if space is not None:
+                self._bytes -= self._counted.pop(id(space), 0)
 
     def total_vectors(self) -> int:
         with self._lock:
             return sum(space.size for space in self._spaces.values())
 
-    def _evict(self, keep: str) -> None:
-        total = sum(space.size for space in self._spaces.values())
-        for name in list(self._spaces):
-            if total <= self.max_vectors:
-                break
-            if name != keep:
-                total -= self._spaces.pop(name).size
+    def total_bytes(self) -> int:
+        """What the cached spaces occupy, as the budget counts it."""
+        with self._lock:
+            return self._bytes
+
+    def _grown(self, space: VectorSpace) -> None:
+        with self._lock:
+            if id(space) in self._counted:  # not evicted meanwhile
+                self._count(space)
+                self._evict(keep=space)
+
+    def _count(self, space: VectorSpace) -> None:
+        self._bytes += space.nbytes - self._counted.get(id(space), 0)
+        self._counted[id(space)] = space.nbytes
+
+    def _evict(self, keep: VectorSpace) -> None:
+        """Drop least recently used spaces (never ``keep``) until the rest fit the budget."""
+        while self._bytes > self.max_bytes and len(self._spaces) > 1:
+            name, oldest = next(iter(self._spaces.items()))
+            if oldest is keep:
+                self._spaces.move_to_end(name)
+                continue
+            del self._spaces[name]
+            self._bytes -= self._counted.pop(id(oldest), 0)
