@@ -166,7 +166,7 @@ def test_copy_sqlite_to_pgvector_matches_counts_and_contents(
     env = {**sqlite_env, "DATABASE_URL": empty_pg}
     copied = cli("copy", "--from", "sqlite", "--to", "pgvector", env=env)
     assert copied.returncode == 0, copied.stderr
-    assert "copied from sqlite to pgvector: 1 users, 34 memories, 1 knowledge documents" in \
+    assert "copied from sqlite to pgvector: 1 user, 34 memories, 1 knowledge document" in \
         copied.stdout
     target = PgvectorDriver(url=empty_pg, embedder=embedder)
     try:
