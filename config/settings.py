@@ -89,7 +89,8 @@ class Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise SettingsError(f"{name} must be a {kind.__name__} (got {raw!r})") from None
+                kind_name = "a whole number" if kind is int else "a number"
+                raise SettingsError(f"{name} must be {kind_name} (got {raw!r})") from None
             if value < 0:
                 raise SettingsError(f"{name} must not be negative (got {raw!r})")
             return value
@@ -210,11 +211,114 @@ def _load_dotenv() -> None:
         load_dotenv(env_file, override=False)
 
 
+#: Shown in place of a connection string that libpq cannot read: its own message would quote the
+#: string, and with it any password, so neither is ever printed.
+UNPARSABLE_CONNINFO = "<not a valid PostgreSQL connection string (value not shown)>"
+
+
+class ConninfoError(ValueError):
+    """A connection string libpq cannot read; the message never quotes the string."""
+
+
+def parse_conninfo(url: str) -> dict[str, str]:
+    """``url`` read by libpq's own rules (URL or ``key=value`` form, ``?password=`` included).
+
+    Raises ``ConninfoError`` (saying how to write one, never quoting ``url``) when libpq cannot
+    read it, or when a raw ``@`` in the password made libpq read part of it as the host.
+    """
+    params = _raw_params(url)
+    if params is None:
+        raise ConninfoError(
+            "DATABASE_URL is not a valid PostgreSQL connection string: write it as "
+            "postgresql://USER:PASSWORD@HOST:PORT/DBNAME or as 'host=HOST dbname=DBNAME "
+            "user=USER', with @ : / and spaces in the password percent-encoded (%40 %3A %2F "
+            "%20)")
+    if "@" in params.get("host", ""):
+        raise ConninfoError(
+            "DATABASE_URL has a raw @ in its password (libpq read part of the password as the "
+            "host): percent-encode it as %40")
+    if not re.fullmatch(r"[0-9,]*", params.get("port", "")):
+        raise ConninfoError("DATABASE_URL's port must be a number (value not shown)")
+    return params
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """``url`` as libpq reads it, with any password shown as ``***``: safe to print.
+
+    The URL and keyword forms both come out as a ``postgresql://`` URL; a string libpq cannot
+    read comes out as ``UNPARSABLE_CONNINFO``, never echoed.
+    """
+    return _display_url(url, "***")
 
 
 def strip_password(url: str) -> str:
-    """``url`` without its password (for a command a user will run with PGPASSWORD set)."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1@", url)
+    """``url`` without its password, for a command a user will run with PGPASSWORD set."""
+    return _display_url(url, None)
+
+
+def redact_secrets(text: str, url: str) -> str:
+    """``text`` (say, a libpq message about ``url``) with every secret of ``url`` replaced.
+
+    The password (raw, percent-encoded, and each longer piece of it between separators) and the
+    string itself are replaced by ``***``; when ``url`` cannot be parsed its secrets are unknown,
+    so the whole text is withheld.
+    """
+    from urllib.parse import quote
+
+    params = _raw_params(url)
+    if params is None:
+        return UNPARSABLE_CONNINFO + " (the message is withheld: it may quote it)"
+    secrets = {url}
+    password = params.get("password", "")
+    if password:
+        secrets.update({password, quote(password, safe=""), quote(password)})
+        # A message may quote a piece of a password cut where libpq splits strings.
+        secrets.update(piece for piece in re.split(r"[\s@:/?&=]+", password) if len(piece) >= 4)
+    host = params.get("host", "")
+    if "@" in host:  # what followed a raw @ in the password
+        secrets.add(host.rsplit("@", 1)[0])
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _raw_params(url: str) -> dict[str, str] | None:
+    """libpq's reading of ``url`` without ``parse_conninfo``'s checks; None if it has none.
+
+    None rather than an exception: libpq's exception quotes the string, and one raised from here
+    would carry it along as the ``__context__`` of whatever the caller raises next.
+    """
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - any refusal means the same: unreadable
+        return None
+    return {key: str(value) for key, value in params.items() if value is not None}
+
+
+def _display_url(url: str, password: str | None) -> str:
+    from urllib.parse import quote, urlencode
+
+    params = _raw_params(url)
+    if params is None:
+        return UNPARSABLE_CONNINFO
+    user = params.pop("user", "")
+    had_password = params.pop("password", None) is not None
+    host = params.pop("host", "")
+    if "@" in host:  # a raw @ in the password: what came before it is the password's tail
+        host = host.rsplit("@", 1)[1]
+    port = params.pop("port", "")
+    if not re.fullmatch(r"[0-9,]*", port):  # libpq would quote it in its refusal
+        port = "***"
+    dbname = params.pop("dbname", "")
+    if "," in host or "/" in host or "," in port:  # several hosts, or a socket directory
+        params = {"host": host, **({"port": port} if port else {}), **params}
+        host = port = ""
+    credentials = quote(user, safe="")
+    if had_password and password is not None:
+        credentials += ":" + password
+    netloc = (credentials + "@" if credentials else "") + quote(host, safe="") + (
+        f":{port}" if port else "")
+    query = f"?{urlencode(params)}" if params else ""
+    return f"postgresql://{netloc}/{quote(dbname, safe='')}{query}"

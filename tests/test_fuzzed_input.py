@@ -9,6 +9,7 @@ Drivers embed with ``WordHashEmbedder`` (ranking is not under test; see that mod
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import subprocess
@@ -19,8 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.core.memory import InvalidInputError
@@ -35,15 +37,37 @@ from tests.word_hash_embedder import WordHashEmbedder
 NASTY_TEXT = st.sampled_from([
     "", " ", "\x00", "a\x00b", "x" * 200_000, '" * - NEAR OR ( )', "'; DROP TABLE memories; --",
     "%s %(user_id)s {}", "\\", "\u202e\u0301\ufeff", "😀" * 50, "NEAR(a b)", "a:b", "*", "\n\t",
-    "alice", "bob", "carol", "\udcff",
+    "alice", "bob", "carol", "\udcff", "9999999999999999999", "²",
 ])
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """``{"a": {"a": ...}}`` ``depth`` levels deep, built without recursion."""
+    top: dict[str, Any] = {}
+    inner = top
+    for _ in range(depth - 1):
+        inner["a"] = {}
+        inner = inner["a"]
+    return top
+
+
+def nested_list(depth: int) -> list[Any]:
+    """``[[[...[1]...]]]`` ``depth`` lists deep."""
+    top: list[Any] = [1]
+    for _ in range(depth - 1):
+        top = [top]
+    return top
+
+
+DEEP = nested(1_200)  # deeper than json.dumps can recurse
 NASTY = st.one_of(
     NASTY_TEXT, st.text(max_size=30), st.none(), st.booleans(),
     st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
     st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 1e308, 0.5]),
     st.binary(max_size=8), st.lists(NASTY_TEXT, max_size=3),
     st.dictionaries(st.text(max_size=5), NASTY_TEXT, max_size=2),
-    st.just(timedelta(seconds=-5)), st.just(object()),
+    st.just(timedelta(seconds=-5)), st.just(object()), st.just(DEEP),
+    st.just({"list": nested_list(40)}),
 )
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -165,6 +189,26 @@ class FuzzedVerbs:
         attempt()
 
 
+    @pytest.mark.parametrize("verb", ["store", "store_many", "update", "set_profile",
+                                      "create_user", "store_global_knowledge"])
+    def test_deeply_nested_metadata_is_refused_not_a_recursion_error(self, seeded, verb: str):
+        driver, known = seeded
+        calls = {
+            "store": lambda: driver.store("alice", "deep", metadata=DEEP),
+            "store_many": lambda: driver.store_many([{"user_id": "alice", "content": "deep",
+                                                      "metadata": DEEP}]),
+            "update": lambda: driver.update(known["alice"], "alice", metadata=DEEP),
+            "set_profile": lambda: driver.set_profile("alice", DEEP),
+            "create_user": lambda: driver.create_user("dora", profile=DEEP),
+            "store_global_knowledge": lambda: driver.store_global_knowledge(
+                "deep text", "deep", metadata=DEEP),
+        }
+        before = snapshot(driver)
+        with pytest.raises(InvalidInputError, match="nested at most"):
+            calls[verb]()
+        assert snapshot(driver) == before
+
+
 class TestSqliteFuzzed(FuzzedVerbs):
     @pytest.fixture
     def driver(self, tmp_path: Path) -> Iterator[SqliteDriver]:
@@ -228,3 +272,50 @@ def test_cli_answers_bad_arguments_with_a_message_never_a_traceback(
     assert "Traceback" not in done.stderr, done.stderr
     if done.returncode == 2:
         assert done.stderr.strip(), "a refusal must say why"
+
+
+VALID_DUMPED_MEMORY = {
+    "type": "memory", "id": "mem_1", "user_id": "alice", "agent_id": None,
+    "conversation_id": None, "namespace": "default", "key": None, "content": "a note",
+    "tags": [], "metadata": {}, "importance": 0.5, "access_count": 0, "last_accessed_at": None,
+    "expires_at": None, "deleted_at": None, "created_at": "2026-01-01T00:00:00+00:00",
+    "updated_at": "2026-01-01T00:00:00+00:00", "embedding": None,
+}
+DUMPED_NASTY = st.one_of(NASTY, st.sampled_from([
+    10**30, -(10**30), 2**31, 2**63, "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00",
+    "9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00", "2026-02-30T00:00:00+00:00",
+    "AAAA", "////" * 400, "AACAfw==" * 384, nested_list(1_200),
+]))
+
+
+SCALED_VECTOR = base64.b64encode(np.array([1e30], dtype="<f4").tobytes()).decode("ascii")
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(VALID_DUMPED_MEMORY)), value=DUMPED_NASTY,
+       dimension=st.sampled_from([None, 1, 384]))
+@example(field="access_count", value=10**30, dimension=None)
+@example(field="created_at", value="0001-01-01T00:00:00+14:00", dimension=None)
+@example(field="embedding", value=SCALED_VECTOR, dimension=1)
+@example(field="id", value=nested_list(1_200), dimension=None)
+def test_dumped_records_are_checked_or_refused_never_crash(field: str, value: Any,
+                                                           dimension: int | None):
+    from app.core.memory.portable import parse_record
+
+    try:
+        record = parse_record({**VALID_DUMPED_MEMORY, field: value}, dimension)
+    except InvalidInputError as error:
+        assert str(error)
+        return
+    vector = record["embedding"]  # type: ignore[typeddict-item]
+    if vector is not None:
+        assert len(vector) == dimension and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
+    assert 0 <= record["access_count"] < 2**31  # type: ignore[typeddict-item]
+
+
+@pytest.mark.parametrize("cursor", ["9999999999999999999", "²", "١٢", "-1", "1e3", " 1"])
+def test_a_cursor_that_was_never_issued_is_invalid_input(cursor: str):
+    from app.core.memory.validation import check_cursor
+
+    with pytest.raises(InvalidInputError, match="cursor"):
+        check_cursor(cursor)

@@ -103,7 +103,7 @@ def test_purge_removes_expired_and_past_retention_only(tmp_path: Path):
     assert json.loads(kept.stdout) == {"purged": 1}  # only the expired one
     assert remaining(path) == {ids["kept"], ids["deleted"], ids["bob"]}
     now = cli("purge", "--retention-days", "0", path=path)
-    assert now.returncode == 0 and "purged 1 memories" in now.stdout
+    assert now.returncode == 0 and "purged 1 memory" in now.stdout
     assert remaining(path) == {ids["kept"], ids["bob"]}
     refused = cli("purge", "--retention-days", "-1", path=path)
     assert refused.returncode == 2 and "retention" in refused.stderr

@@ -65,7 +65,7 @@ def check_commands(driver: BaseMemoryDriver, run: Callable[..., subprocess.Compl
     driver.store("alice", "kept before the storm")
     results: list[subprocess.CompletedProcess[str]] = []
     under_fire(driver, [lambda: results.append(run("fresh")),
-                        lambda: results.append(run("rollback")),
+                        lambda: results.append(run("rollback", "--force")),
                         lambda: results.append(run())])
     assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
     # fresh emptied the store; what is there now was written after the last migrate
@@ -81,7 +81,7 @@ def test_sqlite_fresh_and_rollback_while_a_driver_writes(tmp_path: Path):
     driver = SqliteDriver(path=path, embedder=WordHashEmbedder())
     env = {"MEMORY_DRIVER": "sqlite", "MEMORY_SQLITE_PATH": str(path)}
     check_commands(driver, lambda *args: migrate(*args, env=env))
-    migrate("rollback", env=env)
+    migrate("rollback", "--force", env=env)
     try:
         driver.store("alice", "no schema")
     except SchemaNotMigratedError as error:

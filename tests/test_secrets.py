@@ -57,7 +57,7 @@ def test_postgres_password_is_in_no_log_error_or_report(every_log):
             call()
         seen.append(error_chain(raised.value))
     driver.close()
-    assert every_log.records, "the pool logs its failed connections; nothing was captured"
+    assert every_log.records, "failed connections are logged; nothing was captured"
     seen.append(every_log.text)
     assert PASSWORD not in "\n".join(seen)
 
@@ -101,3 +101,67 @@ def test_cli_and_migrate_never_print_the_password():
                               text=True, timeout=120)
         assert done.returncode != 0 or "down" in done.stdout, (command, done.stdout)
         assert PASSWORD not in done.stdout + done.stderr, command
+
+
+def url_forms(port: int) -> dict[str, str]:
+    """The password in every form libpq accepts, plus strings it cannot read that hold it."""
+    return {
+        "url": f"postgresql://memory:{PASSWORD}@127.0.0.1:{port}/memory",
+        "query": f"postgresql://memory@127.0.0.1:{port}/memory?password={PASSWORD}",
+        "keywords": f"host=127.0.0.1 port={port} dbname=memory user=memory password={PASSWORD}",
+        "quoted keyword": f"host=127.0.0.1 port={port} user=memory password='{PASSWORD} x'",
+        "percent-encoded": f"postgresql://memory:{PASSWORD}%40x@127.0.0.1:{port}/memory",
+        "raw @": f"postgresql://memory:x@{PASSWORD}@127.0.0.1:{port}/memory",
+        "space": f"postgresql://memory:{PASSWORD} x@127.0.0.1:{port}/memory",
+        "bad port": f"postgresql://memory:{PASSWORD}@127.0.0.1:port{PASSWORD}/memory",
+        "garbage": f"not-a-url {PASSWORD}",
+    }
+
+
+@pytest.mark.parametrize("form", list(url_forms(1)))
+def test_redaction_follows_libpq_for_every_form(form: str):
+    from config.settings import redact_secrets, redact_url, strip_password
+
+    url = url_forms(5432)[form]
+    message = f"libpq said: {url} / {PASSWORD} / {PASSWORD}%40x"
+    shown = [redact_url(url), strip_password(url), redact_secrets(message, url)]
+    assert not any(PASSWORD in text for text in shown), shown
+    if form in ("url", "query", "keywords"):  # what is not secret stays readable
+        assert redact_url(url) == "postgresql://memory:***@127.0.0.1:5432/memory"
+        assert strip_password(url) == "postgresql://memory@127.0.0.1:5432/memory"
+
+
+@pytest.mark.parametrize("form", ["query", "keywords", "raw @", "space", "garbage"])
+def test_driver_never_shows_a_password_in_any_form(every_log, form: str):
+    url = url_forms(free_port())[form]
+    try:
+        driver = PgvectorDriver(url=url, embedder=WordHashEmbedder(), pool_timeout=1.0,
+                                connect_timeout=1.0)
+    except MemoryDriverError as refused:  # strings libpq cannot read: refused, not quoted
+        assert form in ("raw @", "space", "garbage")
+        assert PASSWORD not in error_chain(refused)
+        return
+    seen = [repr(driver.health_check()), repr(driver), str(driver.url)]
+    with pytest.raises(MemoryDriverError) as raised:
+        driver.stats()
+    seen.append(error_chain(raised.value))
+    driver.close()
+    seen.append(every_log.text)
+    assert PASSWORD not in "\n".join(seen)
+
+
+@pytest.mark.parametrize("form", ["query", "keywords", "raw @", "space", "garbage"])
+def test_cli_migrate_and_pg_dump_command_never_print_a_password_in_any_form(form: str):
+    env = dict(os.environ, MEMORY_DRIVER="pgvector", MEMORY_PG_POOL_TIMEOUT="1",
+               MEMORY_PG_CONNECT_TIMEOUT="1", DATABASE_URL=url_forms(free_port())[form])
+    runs = [
+        [sys.executable, "-m", "app", "health", "--json"],
+        [sys.executable, "-m", "app", "stats"],
+        [sys.executable, "-m", "app", "backup"],
+        [sys.executable, "migrate.py", "--database", "pgvector"],
+    ]
+    for command in runs:
+        done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        assert PASSWORD not in done.stdout + done.stderr, (command, done.stdout, done.stderr)

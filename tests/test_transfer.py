@@ -89,13 +89,13 @@ def test_export_from_sqlite_then_import_into_pgvector_recalls_the_same(
     dump = tmp_path / "dumps" / "memory.jsonl"
     exported = cli("export", "--output", str(dump), env=sqlite_env)
     assert exported.returncode == 0, exported.stderr
-    assert "exported 1 users, 34 memories, 1 knowledge documents" in exported.stdout
+    assert "exported 1 user, 34 memories, 1 knowledge document" in exported.stdout
 
     pg_env = {"MEMORY_DRIVER": "pgvector", "DATABASE_URL": empty_pg}
     for _ in range(2):  # the second import changes nothing: records keep their ids
         imported = cli("import", str(dump), env=pg_env)
         assert imported.returncode == 0, imported.stderr
-        assert "imported 1 users, 34 memories, 1 knowledge documents" in imported.stdout
+        assert "imported 1 user, 34 memories, 1 knowledge document" in imported.stdout
     target = PgvectorDriver(url=empty_pg, embedder=embedder)
     try:
         assert everything(target) == everything(source)
@@ -166,7 +166,7 @@ def test_copy_sqlite_to_pgvector_matches_counts_and_contents(
     env = {**sqlite_env, "DATABASE_URL": empty_pg}
     copied = cli("copy", "--from", "sqlite", "--to", "pgvector", env=env)
     assert copied.returncode == 0, copied.stderr
-    assert "copied from sqlite to pgvector: 1 users, 34 memories, 1 knowledge documents" in \
+    assert "copied from sqlite to pgvector: 1 user, 34 memories, 1 knowledge document" in \
         copied.stdout
     target = PgvectorDriver(url=empty_pg, embedder=embedder)
     try:
@@ -229,6 +229,7 @@ def test_bad_arguments_and_unsupported_drivers_say_so():
 
 def test_vectors_round_trip_exactly():
     vector = np.random.default_rng(1).standard_normal(384).astype(np.float32)
+    vector /= np.linalg.norm(vector)  # a model's vectors have length 1; others are dropped
     line = transfer.to_json_line({"type": "x", "embedding": vector})
     decoded = json.loads(line)["embedding"]
     from app.core.memory.portable import _vector

@@ -22,7 +22,12 @@ a third of the size of decimal numbers. A reader of version ``VERSION`` ignores 
 know, so a later version can add fields without breaking older readers.
 
 ``parse_record`` checks one decoded line against the same rules as the verbs (``validation.py``)
-and returns a ``PortableRecord`` whose ``embedding`` is a numpy vector or ``None``.
+and returns a ``PortableRecord`` whose ``embedding`` is a numpy vector or ``None``. A dump is
+input like any other, so a crafted one is refused line by line, never trusted: times must be
+representable in UTC, ``access_count`` must fit the databases' 32-bit column, and a vector must
+have the header's dimension and finite numbers; one whose norm is not 1 (every embedder here
+normalises) is dropped (``None``) so that the target embeds the text itself: a vector scaled up
+to rank first for every query is never taken as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict
@@ -57,6 +63,12 @@ VERSION = 1
 #: How long a knowledge chunk may be (chunking keeps them far shorter).
 MAX_CHUNK_CHARS = 20_000
 MAX_CHUNKS = 100_000
+#: The largest ``access_count`` the databases' INTEGER columns hold.
+MAX_ACCESS_COUNT = 2**31 - 1
+#: How far from 1 a stored vector's length may be (float32 rounding stays far below).
+NORM_TOLERANCE = 1e-3
+
+logger = logging.getLogger(__name__)
 
 
 class PortableUser(TypedDict):
@@ -162,9 +174,11 @@ def parse_record(value: Any, dimension: int | None) -> PortableRecord:
 
 def _parse_memory(value: Mapping[str, Any], dimension: int | None) -> PortableMemory:
     access_count = value.get("access_count", 0)
-    if isinstance(access_count, bool) or not isinstance(access_count, int) or access_count < 0:
+    if isinstance(access_count, bool) or not isinstance(access_count, int) or not (
+            0 <= access_count <= MAX_ACCESS_COUNT):
+        shown = access_count if len(repr(access_count)) <= 40 else "a number too large to show"
         raise InvalidInputError(
-            f"memory.access_count must be a whole number >= 0 (got {access_count!r})")
+            f"memory.access_count must be a whole number 0..{MAX_ACCESS_COUNT} (got {shown!r})")
     missing = [name for name in _MEMORY_FIELDS if name not in value]
     if missing:
         raise InvalidInputError(f"memory must have the fields {', '.join(missing)}")
@@ -226,13 +240,16 @@ def _time(value: Mapping[str, Any], field: str, kind: str, *,
         return None
     try:
         moment = datetime.fromisoformat(text) if isinstance(text, str) else None
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
+        # Years 1 and 9999 with an offset can fall outside what UTC can represent.
+        utc = moment.astimezone(UTC) if moment is not None and moment.tzinfo else None
+    except (ValueError, OverflowError):
+        utc = None
+    if utc is None:
         rule = "null or " if optional else ""
+        shown = text if not isinstance(text, str) or len(text) <= 60 else text[:57] + "..."
         raise InvalidInputError(f"{kind}.{field} must be {rule}an ISO 8601 time with a UTC "
-                                f"offset (got {text!r})")
-    return moment.astimezone(UTC)
+                                f"offset, within years 1..9999 in UTC (got {shown!r})")
+    return utc
 
 
 def _vector(encoded: Any, dimension: int | None, name: str) -> np.ndarray | None:
@@ -247,6 +264,11 @@ def _vector(encoded: Any, dimension: int | None, name: str) -> np.ndarray | None
     vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(vector)):
         raise InvalidInputError(f"{name} must hold finite numbers")
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if abs(norm - 1.0) > NORM_TOLERANCE:
+        # Not what a model makes: drop it, and the target embeds the text itself.
+        logger.info("%s has length %.6g, not 1: dropped, the text is embedded again", name, norm)
+        return None
     return vector
 
 

@@ -107,7 +107,8 @@ def import_dump(driver: BaseMemoryDriver, lines: Iterable[str] | TextIO, *,
             continue
         value = _json_or_none(line)
         if value is None:
-            report.refused.append((f"line {number}", "not a line of JSON"))
+            report.refused.append((f"line {number}", "not a line of JSON (or nested deeper "
+                                                     "than it can be read)"))
         elif report.complete:
             report.refused.append((f"line {number}", "a record after the end line"))
         elif isinstance(value, dict) and value.get("type") == "end":
@@ -235,6 +236,6 @@ def _describe(record: PortableRecord) -> str:
 def _json_or_none(line: str) -> Any:
     try:
         return json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # the parser recurses once per level
         return None
 

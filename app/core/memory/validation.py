@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ MAX_QUERY_CHARS = 4_000
 MAX_TITLE_CHARS = 512
 MAX_METADATA_BYTES = 16_384
 MAX_PROFILE_BYTES = 65_536
+#: How deep dicts and lists may nest in metadata and profiles (``{"a": 1}`` is depth 1).
+MAX_JSON_DEPTH = 32
 MAX_TOP_K = 1_000
 MAX_PAGE_SIZE = 1_000
 MAX_BATCH = 10_000
@@ -44,8 +47,14 @@ def _fail(name: str, rule: str, value: Any = None, *, show_value: bool = True) -
 
 
 def _preview(value: Any) -> str:
-    text = repr(value)
+    # reprlib stops a few levels down and after a few items: repr() of a value nested ~1,000
+    # deep raises RecursionError, and of a huge one takes its time.
+    text = _PREVIEW.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxstring = _PREVIEW.maxother = 80
 
 
 def check_id(value: Any, name: str) -> str:
@@ -126,6 +135,7 @@ def check_json_object(value: Any, name: str, *, max_bytes: int) -> dict[str, Any
         return {}
     if not isinstance(value, Mapping):
         raise _fail(name, "a dict", value)
+    _check_json_shape(value, name, max_bytes)
     try:
         encoded = json.dumps(dict(value), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -143,6 +153,28 @@ def check_json_object(value: Any, name: str, *, max_bytes: int) -> dict[str, Any
         raise _fail(name, f"at most {max_bytes} bytes as JSON", None, show_value=False)
     decoded: dict[str, Any] = json.loads(encoded)
     return decoded
+
+
+def _check_json_shape(value: Mapping[Any, Any], name: str, max_bytes: int) -> None:
+    """Refuse nesting deeper than ``MAX_JSON_DEPTH`` or more values than ``max_bytes``.
+
+    Walked with a stack, not recursion, and before ``json.dumps`` (which recurses, and would
+    raise ``RecursionError`` ~1,000 levels down); a cycle ends as too deep. Every JSON value
+    takes at least one byte, so more values than ``max_bytes`` cannot fit either.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > max_bytes:
+            raise _fail(name, f"at most {max_bytes} bytes as JSON", None, show_value=False)
+        if isinstance(item, Mapping | list | tuple):
+            if depth > MAX_JSON_DEPTH:
+                raise _fail(name, f"nested at most {MAX_JSON_DEPTH} dicts or lists deep", None,
+                            show_value=False)
+            children = item.values() if isinstance(item, Mapping) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 def check_metadata(value: Any, name: str = "metadata") -> dict[str, Any]:
@@ -238,9 +270,14 @@ def check_cursor(value: Any, name: str = "cursor") -> int | None:
     """An opaque cursor from ``list_memories``; ``None`` starts at the newest memory."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 19:
+    # isdigit() alone takes "²" and other digits int() refuses; a 64-bit key has at most 19.
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) \
+            or len(value) > 19 or int(value) > _MAX_CURSOR:
         raise _fail(name, "a cursor returned by list_memories", value)
     return int(value)
+
+
+_MAX_CURSOR = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,11 @@ from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import pgvector_transfer as transfer
+from app.core.memory.drivers.pgvector_connection import (
+    check_url,
+    connection_cause,
+    guard_pool_log,
+)
 from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.embeddings import (
     Embedder,
@@ -134,7 +139,7 @@ from app.core.memory.validation import (
     prepare_store,
     prepare_store_many,
 )
-from config.settings import redact_url
+from config.settings import redact_secrets, redact_url
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -196,7 +201,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         if pool is None and not url:
             raise InvalidInputError("url must be a PostgreSQL URL (or pass pool=)")
         _register_vector_dumper()
+        if url:
+            check_url(url)  # a string libpq cannot read is refused now, never quoted
+            guard_pool_log(url)
         self.url = redact_url(url or "")
+        # Kept only to ask the server directly why connecting fails; never printed.
+        self._conninfo = url or None
+        self._connect_timeout = connect_timeout
         self.pool_timeout = pool_timeout
         self._pool = pool or ConnectionPool(
             url or "", min_size=pool_min_size, max_size=max(pool_min_size, pool_max_size),
@@ -400,7 +411,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 status = "degraded"
         except Exception as exc:  # noqa: BLE001 - health_check reports, it never raises
             status = "down"
-            checks["database"].update(status="down", error=redact_url(str(exc)))
+            error = exc if isinstance(exc, MemoryDriverError) else _contract_error(exc, self)
+            checks["database"].update(status="down", error=str(error))
         latency = round((time.perf_counter() - started) * 1000, 3)
         return {"driver": self.name, "status": status, "checks": checks,  # type: ignore[typeddict-item]
                 "latency_ms": latency}
@@ -696,6 +708,12 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             if self._closed:
                 raise BackendUnavailableError("this PgvectorDriver is closed")
             if not self._opened:
+                # One direct attempt first: a certain failure (no such database or role, no
+                # server) is reported now with its cause, instead of after the pool's timeout.
+                if self._conninfo is not None:
+                    cause = connection_cause(self._conninfo, self._connect_timeout)
+                    if cause is not None:
+                        raise cause
                 self._pool.open(wait=False)
                 self._opened = True
 
@@ -1174,11 +1192,16 @@ def _document_from_row(row: tuple[Any, ...]) -> KnowledgeDocument:
 
 def _contract_error(exc: Exception, driver: Any) -> MemoryDriverError:
     kind = type(exc).__name__
-    message = redact_url(str(exc))
+    conninfo = getattr(driver, "_conninfo", None)
+    message = redact_secrets(str(exc), conninfo) if conninfo else str(exc)
     if kind == "PoolTimeout":
+        # Ask the server directly: a connection that fails has a cause worth more than a wait.
+        cause = (connection_cause(conninfo, driver._connect_timeout) if conninfo else None)
+        if cause is not None:
+            return cause
         return BackendUnavailableError(
-            f"no PostgreSQL connection could be had within {driver.pool_timeout}s "
-            f"(server down, or every pooled connection busy): {message}")
+            f"no PostgreSQL connection could be had within {driver.pool_timeout}s: every "
+            f"pooled connection is busy ({message})")
     if kind in ("UndefinedTable", "UndefinedColumn", "UndefinedObject", "UndefinedFunction"):
         return SchemaNotMigratedError(f"the PostgreSQL schema is missing or outdated ({message}): "
                                       "run `python migrate.py --database pgvector`")
