@@ -42,8 +42,21 @@ def contract_verbs() -> list[str]:
             if not name.startswith("_") and name not in SYNC_ONLY]
 
 
+#: Threads alive when the running test started: other suites' servers may run for the whole
+#: session with async drivers (and worker threads) of their own, so the checks below count only
+#: the threads a test started.
+_earlier_threads: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def note_earlier_threads() -> None:
+    _earlier_threads.clear()
+    _earlier_threads.update(threading.enumerate())
+
+
 def worker_threads(prefix: str = "memory-") -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith(prefix)]
+    return [thread for thread in threading.enumerate()
+            if thread.name.startswith(prefix) and thread not in _earlier_threads]
 
 
 @pytest.fixture
