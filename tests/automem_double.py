@@ -108,6 +108,7 @@ class AutomemDouble:
         self.summarise_patches = False
         self.after_recall: Callable[[list[str]], None] | None = None
         self.max_concurrent_patches = 0
+        self.patched: list[str] = []  # the path of every PATCH request, in order
         self._patches_in_flight = 0
         self._pending_jobs = 0
         self._queued_vectors = 0
@@ -223,6 +224,7 @@ class AutomemDouble:
             patching = method == "PATCH"
             if patching:
                 with self.lock:
+                    self.patched.append(url.path)
                     self._patches_in_flight += 1
                     self.max_concurrent_patches = max(self.max_concurrent_patches,
                                                       self._patches_in_flight)
