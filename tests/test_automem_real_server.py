@@ -36,7 +36,11 @@ def make_driver(double: AutomemDouble, **options: object) -> AutomemDriver:
     assert double.server is not None
     settings: dict[str, object] = {"token": TOKEN, "connect_timeout": 0.5, "read_timeout": 2.0,
                                    "max_tries": 3, "backoff_seconds": 0.02,
-                                   "enrichment_window": 3.5 * ENRICHMENT_SECONDS}
+                                   "enrichment_window": 3.5 * ENRICHMENT_SECONDS,
+                                   # Access counts written by close() or an explicit flush, not
+                                   # by a background write that could take a fault a test injects
+                                   # for the call it makes.
+                                   "access_flush_seconds": 60}
     settings.update(options)
     url = f"http://127.0.0.1:{double.server.server_address[1]}"
     return AutomemDriver(url=url, **settings)  # type: ignore[arg-type]

@@ -19,10 +19,11 @@ any change made in between. So:
   it from every recall at once), expiry in ``t_invalid``, content and importance in their fields.
   ``delete``, ``restore`` and expiry therefore hold from the moment they return.
 - Changes that must go into ``tags`` or ``metadata`` (``update`` of tags, metadata or anything
-  else, since ``updated_at`` is in the metadata; an upsert by key; access counts) wait until the
-  memory's enrichment window has passed (``AUTOMEM_ENRICHMENT_WINDOW``, default 0.5 s after the
-  server stored it) before they are written. A call made within that window of a store is slower
-  by the rest of the window, and then holds.
+  else, since ``updated_at`` is in the metadata; an upsert by key) wait until the memory's
+  enrichment window has passed (``AUTOMEM_ENRICHMENT_WINDOW``, default 0.5 s after the server
+  stored it) before they are written. A call made within that window of a store is slower by the
+  rest of the window, and then holds. Access counts do not wait: the flusher leaves a memory's
+  count pending until its window has passed (see **Access counts** below).
 - User records are never patched: ``set_profile`` stores a new record and deletes the old ones,
   and readers take the newest.
 
