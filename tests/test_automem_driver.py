@@ -215,3 +215,5 @@ def test_the_real_server_settings_are_read_from_the_environment():
     defaults = Settings.from_env({})
     assert (defaults.automem_enrichment_window, defaults.automem_batch_size,
             defaults.automem_content_soft_limit) == (0.5, 100, 500)
+    flush = Settings.from_env({"AUTOMEM_ACCESS_FLUSH_SECONDS": "2.5"}).automem_access_flush_seconds
+    assert (flush, defaults.automem_access_flush_seconds) == (2.5, 1.0)
