@@ -307,6 +307,17 @@ def test_an_update_and_a_flush_of_the_same_memory_keep_both(double):
     assert stored["metadata"] == {"v": 19} and stored["access_count"] == 20
 
 
+def test_an_upsert_keeps_the_counts_flushed_since_its_lookup(double):
+    driver = make_driver(double, access_flush_seconds=0.01)
+    first = driver.store("alice", "Favourite colour: red", key="colour")
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
+    for version in range(10):
+        driver.recall("alice")
+        driver.store("alice", f"Favourite colour: {version}", key="colour")
+    driver.close()
+    assert server_count(double, first["id"]) == 10
+
+
 # -- 7. /health says healthy while nothing works ---------------------------------------------
 
 

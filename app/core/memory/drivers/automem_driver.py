@@ -805,10 +805,12 @@ class AutomemDriver(BaseMemoryDriver):
         layer = layer_of(existing)
         created = parse_time(layer.get("created_at")) or now
         item = mapping.server_item(draft, now, created_at=created)
-        item["metadata"][LAYER].update(access_count=layer.get("access_count", 0),
-                                       last_accessed_at=layer.get("last_accessed_at"))
         with self._holding(existing["id"]):
             self._settle(existing)
+            # Read the count again: the access flusher may have written it since the lookup.
+            counted = layer_of(self._server_memory(existing["id"]) or existing)
+            item["metadata"][LAYER].update(access_count=counted.get("access_count", 0),
+                                           last_accessed_at=counted.get("last_accessed_at"))
             self._patch(existing["id"], content=item["content"],
                         tags=_server_extras(existing) + item["tags"],
                         importance=item["importance"], metadata=item["metadata"],
