@@ -41,7 +41,7 @@ turns them all on with delays short enough for tests:
   on a content PATCH too with ``summarise_patches``, which the issue did not observe).
 - ``after_recall``: called with the ids a recall answered, after answering (another client can
   delete one before the driver's next request); ``max_concurrent_patches`` records how many
-  PATCHes were ever served at once.
+  PATCHes were ever served at once, and ``patched`` the path of each PATCH in order.
 """
 
 from __future__ import annotations
