@@ -49,6 +49,7 @@ class Settings:
     automem_enrichment_window: float = 0.5
     automem_batch_size: int = 100
     automem_content_soft_limit: int = 500
+    automem_access_flush_seconds: float = 1.0
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_backend: str = "auto"
     embedding_threads: int = 1
@@ -139,6 +140,9 @@ class Settings:
             or 1,
             automem_content_soft_limit=int(number("AUTOMEM_CONTENT_SOFT_LIMIT",
                                                   defaults.automem_content_soft_limit)) or 500,
+            automem_access_flush_seconds=float(number("AUTOMEM_ACCESS_FLUSH_SECONDS",
+                                                      defaults.automem_access_flush_seconds,
+                                                      float)),
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
             embedding_backend=_choice(source, "MEMORY_EMBEDDING_BACKEND", EMBEDDING_BACKENDS,
                                       defaults.embedding_backend),

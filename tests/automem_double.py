@@ -41,7 +41,7 @@ turns them all on with delays short enough for tests:
   on a content PATCH too with ``summarise_patches``, which the issue did not observe).
 - ``after_recall``: called with the ids a recall answered, after answering (another client can
   delete one before the driver's next request); ``max_concurrent_patches`` records how many
-  PATCHes were ever served at once.
+  PATCHes were ever served at once, and ``patched`` the path of each PATCH in order.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class AutomemDouble:
         self.summarise_patches = False
         self.after_recall: Callable[[list[str]], None] | None = None
         self.max_concurrent_patches = 0
+        self.patched: list[str] = []  # the path of every PATCH request, in order
         self._patches_in_flight = 0
         self._pending_jobs = 0
         self._queued_vectors = 0
@@ -223,6 +224,7 @@ class AutomemDouble:
             patching = method == "PATCH"
             if patching:
                 with self.lock:
+                    self.patched.append(url.path)
                     self._patches_in_flight += 1
                     self.max_concurrent_patches = max(self.max_concurrent_patches,
                                                       self._patches_in_flight)

@@ -36,7 +36,11 @@ def make_driver(double: AutomemDouble, **options: object) -> AutomemDriver:
     assert double.server is not None
     settings: dict[str, object] = {"token": TOKEN, "connect_timeout": 0.5, "read_timeout": 2.0,
                                    "max_tries": 3, "backoff_seconds": 0.02,
-                                   "enrichment_window": 3.5 * ENRICHMENT_SECONDS}
+                                   "enrichment_window": 3.5 * ENRICHMENT_SECONDS,
+                                   # Access counts written by close() or an explicit flush, not
+                                   # by a background write that could take a fault a test injects
+                                   # for the call it makes.
+                                   "access_flush_seconds": 60}
     settings.update(options)
     url = f"http://127.0.0.1:{double.server.server_address[1]}"
     return AutomemDriver(url=url, **settings)  # type: ignore[arg-type]
@@ -189,13 +193,63 @@ def test_top_k_above_the_servers_cap_is_not_silently_capped(double):
     driver.close()
 
 
-# -- 6. a result deleted between the search and its access count ----------------------------
+# -- 6. access counts: recorded by the recall, written by a background flusher -----------------
 
 
-def test_a_result_deleted_meanwhile_does_not_fail_the_recall(double):
-    driver = make_driver(double)
+def server_count(double: AutomemDouble, memory_id: str) -> int:
+    """The access count stored on the server (what another process reads)."""
+    with double.lock:
+        layer = double.memories[memory_id]["metadata"]["memory_layer"]
+    return int(layer["access_count"])
+
+
+def test_a_recall_sends_no_access_count_request(double):
+    driver = make_driver(double, access_flush_seconds=60)
+    driver.store_many([{"user_id": "alice", "content": f"note {i}"} for i in range(10)])
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
+    before = double.requests
+    results = driver.recall("alice", top_k=10)
+    assert double.requests - before == 1  # the search alone
+    assert double.patched == []
+    assert len(results) == 10 and all(m["access_count"] == 1 for m in results)
+    assert all(m["last_accessed_at"] is not None for m in results)
+    driver.close()
+
+
+def test_recalls_of_one_memory_cost_one_patch_per_flush(double):
+    driver = make_driver(double, access_flush_seconds=60)
+    memory = driver.store("alice", "counted five times")
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
+    assert [driver.recall("alice")[0]["access_count"] for _ in range(5)] == [1, 2, 3, 4, 5]
+    seen = driver.get(memory["id"], "alice")
+    assert seen is not None and seen["access_count"] == 5  # this driver sees its counts at once
+    assert server_count(double, memory["id"]) == 0
+    assert driver.flush_access_counts() == 1
+    assert double.patched == [f"/memory/{memory['id']}"]
+    assert server_count(double, memory["id"]) == 5
+    listed = driver.list_memories("alice")["items"]
+    assert [m["access_count"] for m in listed] == [5]  # not added twice once written
+    assert driver.flush_access_counts() == 0  # nothing left to write
+    driver.close()
+
+
+def test_the_flusher_thread_writes_within_the_interval(double):
+    driver = make_driver(double, access_flush_seconds=0.1)
+    memory = driver.store("alice", "counted in the background")
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
+    driver.recall("alice")
+    deadline = time.monotonic() + 5
+    while server_count(double, memory["id"]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server_count(double, memory["id"]) == 1
+    driver.close()
+
+
+def test_a_result_deleted_before_the_flush_fails_nothing(double):
+    driver = make_driver(double, access_flush_seconds=60)
     gone = driver.store("alice", "about to be forgotten")
     kept = driver.store("alice", "stays")
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
     vanish = {gone["id"]}
 
     def another_client_deletes(ids: list[str]) -> None:
@@ -204,18 +258,64 @@ def test_a_result_deleted_meanwhile_does_not_fail_the_recall(double):
                 del double.memories[memory_id]
 
     double.after_recall = another_client_deletes
-    assert [m["id"] for m in driver.recall("alice")] == [kept["id"]]
-    driver.close()
+    found = driver.recall("alice")  # what the search found, deleted since: no failure
+    assert {m["id"] for m in found} == {gone["id"], kept["id"]}
+    assert driver.flush_access_counts() == 1
+    assert server_count(double, kept["id"]) == 1
+    driver.close()  # nothing left to write for the gone one either
 
 
-def test_access_counts_are_written_concurrently(double):
-    driver = make_driver(double)
-    driver.store_many([{"user_id": "alice", "content": f"note {i}"} for i in range(10)])
+def test_an_unreachable_service_keeps_counts_for_the_next_flush(double):
+    driver = make_driver(double, access_flush_seconds=60, max_tries=1)
+    memory = driver.store("alice", "counted later")
     time.sleep(3.5 * ENRICHMENT_SECONDS)
-    results = driver.recall("alice", top_k=10)
-    assert len(results) == 10 and all(m["access_count"] == 1 for m in results)
-    assert double.max_concurrent_patches > 1  # not one request after another
+    driver.recall("alice")
+    double.fail_next(1, status=500)
+    assert driver.flush_access_counts() == 0  # no exception
+    assert driver.flush_access_counts() == 1
+    assert server_count(double, memory["id"]) == 1
     driver.close()
+
+
+def test_close_flushes_after_the_enrichment_window(double):
+    double.enrichment_seconds = ENRICHMENT_SECONDS
+    driver = make_driver(double, access_flush_seconds=60)
+    memory = driver.store("alice", "counted then closed")
+    assert driver.recall("alice")[0]["access_count"] == 1  # within the enrichment window
+    assert driver.flush_access_counts() == 0  # enrichment could still undo it: not yet
+    driver.close()
+    double.settle()  # the enrichment job has written back what it read at the store
+    assert server_count(double, memory["id"]) == 1
+    other = make_driver(double)
+    seen = other.get(memory["id"], "alice")
+    assert seen is not None and seen["access_count"] == 1 and seen["last_accessed_at"]
+    other.close()
+
+
+def test_an_update_and_a_flush_of_the_same_memory_keep_both(double):
+    driver = make_driver(double, access_flush_seconds=0.01)
+    memory = driver.store("alice", "updated while counted")
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
+    for version in range(20):
+        driver.recall("alice")
+        driver.update(memory["id"], "alice", metadata={"v": version})
+    driver.close()
+    other = make_driver(double)
+    stored = other.get(memory["id"], "alice")
+    other.close()
+    assert stored is not None
+    assert stored["metadata"] == {"v": 19} and stored["access_count"] == 20
+
+
+def test_an_upsert_keeps_the_counts_flushed_since_its_lookup(double):
+    driver = make_driver(double, access_flush_seconds=0.01)
+    first = driver.store("alice", "Favourite colour: red", key="colour")
+    time.sleep(3.5 * ENRICHMENT_SECONDS)
+    for version in range(10):
+        driver.recall("alice")
+        driver.store("alice", f"Favourite colour: {version}", key="colour")
+    driver.close()
+    assert server_count(double, first["id"]) == 10
 
 
 # -- 7. /health says healthy while nothing works ---------------------------------------------

@@ -19,10 +19,11 @@ any change made in between. So:
   it from every recall at once), expiry in ``t_invalid``, content and importance in their fields.
   ``delete``, ``restore`` and expiry therefore hold from the moment they return.
 - Changes that must go into ``tags`` or ``metadata`` (``update`` of tags, metadata or anything
-  else, since ``updated_at`` is in the metadata; an upsert by key; access counts) wait until the
-  memory's enrichment window has passed (``AUTOMEM_ENRICHMENT_WINDOW``, default 0.5 s after the
-  server stored it) before they are written. A call made within that window of a store is slower
-  by the rest of the window, and then holds.
+  else, since ``updated_at`` is in the metadata; an upsert by key) wait until the memory's
+  enrichment window has passed (``AUTOMEM_ENRICHMENT_WINDOW``, default 0.5 s after the server
+  stored it) before they are written. A call made within that window of a store is slower by the
+  rest of the window, and then holds. Access counts do not wait: the flusher leaves a memory's
+  count pending until its window has passed (see **Access counts** below).
 - User records are never patched: ``set_profile`` stores a new record and deletes the old ones,
   and readers take the newest.
 
@@ -49,9 +50,16 @@ so another reader can see an already-expired memory for that one round trip.
   memories are listed in full instead. With a query, results beyond the server's ranked page come
   from that listing, ranked after it by the words they share with the query. ``use_vector=False``
   keeps only results that contain a word of the query.
-- **Access counts** go in the metadata, one ``PATCH`` per result, sent concurrently so a recall
-  costs about one round trip more than the search. A result deleted meanwhile (404) is dropped
-  from the answer; a failed count never fails the recall.
+- **Access counts** go in the metadata, but a recall sends no request for them: it records its
+  results in a pending table (``automem_access``) and returns them with their new counts. A
+  daemon thread writes each memory's accumulated delta every ``AUTOMEM_ACCESS_FLUSH_SECONDS``
+  (default 1 s) with one read and one ``PATCH`` per memory, however many recalls hit it, after
+  its enrichment window; a memory gone meanwhile is dropped, an unreachable service retried at
+  the next flush, and nothing of it ever reaches a recall. ``close()`` stops the thread and
+  flushes. This driver's ``get``, ``list_memories`` and ``recall`` add the pending counts, so a
+  caller sees its own at once; other processes see them after at most the flush interval (a
+  count still pending when the process dies is lost). The flusher and this driver's ``update``
+  and upserts never write the same memory's metadata at the same time.
 - **store_many** sends batches sized to the read timeout from the measured time per item
   (``AUTOMEM_BATCH_SIZE`` at most). Everything one call creates carries one ``ml:op:`` tag: if any
   request fails, that tag is deleted (waiting, after a timeout, for a batch the server may still
@@ -69,10 +77,11 @@ so another reader can see an already-expired memory for that one round trip.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -80,6 +89,7 @@ from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
 from app.core.memory.drivers import automem_mapping as mapping
+from app.core.memory.drivers.automem_access import Access, AccessLog
 from app.core.memory.drivers.automem_http import AutomemHttp, OutcomeUnknownError
 from app.core.memory.drivers.automem_mapping import (
     KNOWLEDGE_TAG,
@@ -113,6 +123,7 @@ from app.core.memory.validation import (
     MAX_PAGE_SIZE,
     MAX_PROFILE_BYTES,
     MAX_QUERY_CHARS,
+    MemoryChanges,
     MemoryDraft,
     RecallFilters,
     check_bool,
@@ -140,7 +151,7 @@ SERVER_CONTENT_LIMIT = 2_000
 BATCH_LIMIT = 500
 LIST_PAGE = 200
 RECALL_LIMIT = 100
-ACCESS_WORKERS = 8
+MAX_CONNECTIONS = 10
 #: Share of the read timeout one batch may take by the measured time per item.
 BATCH_TIME_SHARE = 0.5
 _OURS = ("ml:", "memory-layer:", "user:", "conversation:")
@@ -155,7 +166,8 @@ class AutomemDriver(BaseMemoryDriver):
                  connect_timeout: float = 5.0, read_timeout: float = 25.0, max_tries: int = 3,
                  backoff_seconds: float = 0.5, retention: timedelta = timedelta(days=30),
                  enrichment_window: float = 0.5, batch_size: int = 100,
-                 batch_item_seconds: float = 0.06, content_soft_limit: int = 500) -> None:
+                 batch_item_seconds: float = 0.06, content_soft_limit: int = 500,
+                 access_flush_seconds: float = 1.0) -> None:
         try:
             import httpx
         except ImportError as exc:
@@ -167,7 +179,7 @@ class AutomemDriver(BaseMemoryDriver):
         client = client or httpx.Client(
             base_url=url or "", headers=headers,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=ACCESS_WORKERS + 2))
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS))
         self._http = AutomemHttp(client, httpx, max_tries=max_tries, backoff=backoff_seconds)
         self._retention = retention
         self._read_timeout = read_timeout
@@ -175,7 +187,9 @@ class AutomemDriver(BaseMemoryDriver):
         self._batch_size = max(1, min(BATCH_LIMIT, batch_size))
         self._item_seconds = max(1e-6, batch_item_seconds)
         self._soft_limit = max(1, min(SERVER_CONTENT_LIMIT, content_soft_limit))
-        self._pool: ThreadPoolExecutor | None = None
+        self._access = AccessLog(self._write_access, access_flush_seconds)
+        self._busy: set[str] = set()  # memories whose metadata a read-modify-write holds
+        self._busy_changed = threading.Condition()
 
     @classmethod
     def from_settings(cls) -> AutomemDriver:
@@ -191,7 +205,8 @@ class AutomemDriver(BaseMemoryDriver):
                    retention=timedelta(days=settings.soft_delete_retention_days),
                    enrichment_window=settings.automem_enrichment_window,
                    batch_size=settings.automem_batch_size,
-                   content_soft_limit=settings.automem_content_soft_limit)
+                   content_soft_limit=settings.automem_content_soft_limit,
+                   access_flush_seconds=settings.automem_access_flush_seconds)
 
     # -- the six verbs of the original design ---------------------------------------------------
 
@@ -225,6 +240,7 @@ class AutomemDriver(BaseMemoryDriver):
         params += [("tags", tag) for tag in mapping.filter_tags(filters)]
         params += [("exclude_tags", mapping.caller_tag(tag)) for tag in filters.exclude_tags]
         params.append(("query", text) if text else ("sort", "time_desc"))
+        read_started = time.monotonic()
         body = self._http.request("GET", "/recall", params=params)
         results = [r for r in _list(body.get("results")) if isinstance(r, dict)]
         now = datetime.now(UTC)
@@ -250,7 +266,11 @@ class AutomemDriver(BaseMemoryDriver):
         cut = len(results) >= limit or top_k > RECALL_LIMIT
         if len(found) < top_k and cut:
             found = self._complete(found, server_of, filters, text, terms, top_k, now)
-        return self._count_access(found[:top_k], server_of, now)
+        found = found[:top_k]
+        self._access.record([memory["id"] for memory in found], now)
+        for memory in found:
+            self._overlay(memory, server_of[memory["id"]], read_started)
+        return found
 
     def recall_global_knowledge(
         self, query: str, top_k: int = 5, category: str | None = None
@@ -382,8 +402,14 @@ class AutomemDriver(BaseMemoryDriver):
     ) -> Memory | None:
         memory_id, user_id = check_by_id(memory_id, user_id)
         include_deleted = check_bool(include_deleted, "include_deleted")
+        read_started = time.monotonic()
         server = self._visible_server_memory(memory_id, user_id, include_deleted=include_deleted)
-        return None if server is None else memory_from_server(server, memory_id)
+        if server is None:
+            return None
+        memory = memory_from_server(server, memory_id)
+        if memory is not None:
+            self._overlay(memory, server, read_started)
+        return memory
 
     def update(
         self,
@@ -405,9 +431,17 @@ class AutomemDriver(BaseMemoryDriver):
                                   clear_expiry=clear_expiry, now=now)
         if changes.content is not None:
             _check_server_limit(changes.content, "content")
+        with self._holding(memory_id):
+            if not self._apply_changes(memory_id, user_id, changes, now):
+                return None
+        return self.get(memory_id, user_id)
+
+    def _apply_changes(self, memory_id: str, user_id: str | None, changes: MemoryChanges,
+                       now: datetime) -> bool:
+        """``update``'s read-modify-write; False if the memory is not there."""
         server = self._visible_server_memory(memory_id, user_id)
         if server is None:
-            return None
+            return False
         memory = memory_from_server(server, memory_id)
         assert memory is not None
         patch: dict[str, Any] = {}
@@ -434,7 +468,7 @@ class AutomemDriver(BaseMemoryDriver):
         self._patch(memory_id, **patch)
         if changes.content is not None:
             self._keep_content(memory_id, changes.content, undo=False)
-        return self.get(memory_id, user_id)
+        return True
 
     def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
         now = datetime.now(UTC)
@@ -598,10 +632,14 @@ class AutomemDriver(BaseMemoryDriver):
                     changed += 1
         return changed
 
+    def flush_access_counts(self) -> int:
+        """Write the pending access counts now (an AutoMem-only call; the flusher thread does it
+        every ``access_flush_seconds``). How many memories were written; never raises."""
+        return self._access.flush()
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the access-count flusher, write what it still holds, then close the client."""
+        self._access.close()
         self._http.close()
 
     # -- private helpers ----------------------------------------------------------------------
@@ -643,15 +681,63 @@ class AutomemDriver(BaseMemoryDriver):
         ``created_at`` and the server's own ``updated_at`` (set at the store, never sent by this
         driver), so a slow batch does not shorten it.
         """
+        wait = self._unsettled_for(server)
+        if wait > 0:
+            time.sleep(wait)
+
+    def _unsettled_for(self, server: dict[str, Any]) -> float:
+        """Seconds left of ``server``'s enrichment window (0 once it has passed)."""
         layer = layer_of(server)
         stored = max(filter(None, [parse_time(layer.get("created_at")),
                                    parse_time(server.get("updated_at"))]),
                      default=None)
         if stored is None:
-            return
+            return 0.0
         wait = (stored - datetime.now(UTC)).total_seconds() + self._enrichment_window
-        if wait > 0:
-            time.sleep(min(wait, self._enrichment_window))
+        return max(0.0, min(wait, self._enrichment_window))
+
+    @contextmanager
+    def _holding(self, memory_id: str) -> Iterator[None]:
+        """Hold ``memory_id``'s metadata for one read-modify-write: the access flusher and
+        ``update``/upserts of this driver would otherwise write back each other's old copy."""
+        with self._busy_changed:
+            while memory_id in self._busy:
+                self._busy_changed.wait()
+            self._busy.add(memory_id)
+        try:
+            yield
+        finally:
+            with self._busy_changed:
+                self._busy.discard(memory_id)
+                self._busy_changed.notify_all()
+
+    def _overlay(self, memory: Memory, server: dict[str, Any], read_started: float) -> None:
+        """Add this driver's accesses the server does not have yet to ``memory``."""
+        self._access.overlay(memory, layer_of(server).get("access_flush"),  # type: ignore[arg-type]
+                             read_started)
+
+    def _write_access(self, memory_id: str, access: Access, final: bool) -> bool | None:
+        """Add ``access`` to the memory's stored count (see ``automem_access.Writer``)."""
+        with self._holding(memory_id):
+            server = self._server_memory(memory_id)
+            if server is None:
+                return None  # deleted since the recall: nothing to count
+            if self._unsettled_for(server) > 0:
+                if not final:
+                    return False  # enrichment could undo it: the next flush writes it
+                self._settle(server)
+            metadata = dict(server.get("metadata") or {})
+            layer = dict(layer_of(server))
+            last = access.last
+            previous = parse_time(layer.get("last_accessed_at"))
+            if previous is not None and previous > last:
+                last = previous
+            layer.update(access_count=int(layer.get("access_count") or 0) + access.count,
+                         last_accessed_at=last.isoformat(), access_flush=access.token)
+            metadata[LAYER] = layer
+            answer = self._patch(memory_id, metadata=metadata, last_accessed=last.isoformat(),
+                                 not_found=None)
+            return None if answer is None else True
 
     def _store_drafts(self, drafts: list[MemoryDraft], now: datetime) -> list[Memory]:
         """Store checked drafts in input order, all or nothing (see the module docstring)."""
@@ -719,19 +805,24 @@ class AutomemDriver(BaseMemoryDriver):
         layer = layer_of(existing)
         created = parse_time(layer.get("created_at")) or now
         item = mapping.server_item(draft, now, created_at=created)
-        item["metadata"][LAYER].update(access_count=layer.get("access_count", 0),
-                                       last_accessed_at=layer.get("last_accessed_at"))
-        self._settle(existing)
-        self._patch(existing["id"], content=item["content"],
-                    tags=_server_extras(existing) + item["tags"],
-                    importance=item["importance"], metadata=item["metadata"],
-                    t_invalid=draft.expires_at.isoformat() if draft.expires_at else None,
-                    t_valid=None)
+        with self._holding(existing["id"]):
+            self._settle(existing)
+            # Read the count again: the access flusher may have written it since the lookup.
+            counted = layer_of(self._server_memory(existing["id"]) or existing)
+            item["metadata"][LAYER].update(access_count=counted.get("access_count", 0),
+                                           last_accessed_at=counted.get("last_accessed_at"))
+            self._patch(existing["id"], content=item["content"],
+                        tags=_server_extras(existing) + item["tags"],
+                        importance=item["importance"], metadata=item["metadata"],
+                        t_invalid=draft.expires_at.isoformat() if draft.expires_at else None,
+                        t_valid=None)
         if len(draft.content) > self._soft_limit:
             self._keep_content(existing["id"], draft.content, undo=False)
-        stored = self._server_memory(existing["id"])
-        memory = memory_from_server(stored or {**item, "id": existing["id"]}, existing["id"])
+        read_started = time.monotonic()
+        stored = self._server_memory(existing["id"]) or {**item, "id": existing["id"]}
+        memory = memory_from_server(stored, existing["id"])
         assert memory is not None
+        self._overlay(memory, stored, read_started)
         return memory
 
     def _keep_content(self, memory_id: str, content: str, *, undo: bool) -> None:
@@ -848,11 +939,15 @@ class AutomemDriver(BaseMemoryDriver):
     def _scan(self, filters: RecallFilters, now: datetime, *,
               include_deleted: bool = False) -> list[Memory]:
         """Every memory of ``filters``, newest first, read by listing (not ranked)."""
-        memories = [m for m in (memory_from_server(s, s.get("id")) for s in
-                                self._list_tagged(mapping.user_tag(filters.user_id),
-                                                  kind="memory", user_id=filters.user_id))
-                    if m is not None and visible(m, filters, now,
-                                                 include_deleted=include_deleted)]
+        read_started = time.monotonic()
+        memories = []
+        for server in self._list_tagged(mapping.user_tag(filters.user_id), kind="memory",
+                                        user_id=filters.user_id):
+            memory = memory_from_server(server, server.get("id"))
+            if memory is not None and visible(memory, filters, now,
+                                              include_deleted=include_deleted):
+                self._overlay(memory, server, read_started)
+                memories.append(memory)
         memories.sort(key=mapping.micros, reverse=True)
         return memories
 
@@ -884,40 +979,6 @@ class AutomemDriver(BaseMemoryDriver):
             server_of[memory["id"]] = servers[memory["id"]]
         extra.sort(key=lambda m: (m["score"], m["created_at"]), reverse=True)
         return found + extra
-
-    def _count_access(self, memories: list[Memory], server_of: dict[str, dict[str, Any]],
-                      now: datetime) -> list[Memory]:
-        """Count one access of each memory (concurrently); drop the ones deleted meanwhile."""
-        if not memories:
-            return memories
-
-        def count(memory: Memory) -> bool:
-            server = server_of[memory["id"]]
-            metadata = dict(server.get("metadata") or {})
-            layer = dict(layer_of(server))
-            layer["access_count"] = int(layer.get("access_count") or 0) + 1
-            layer["last_accessed_at"] = now.isoformat()
-            metadata[LAYER] = layer
-            try:
-                self._settle(server)
-                answer = self._patch(memory["id"], metadata=metadata,
-                                     last_accessed=now.isoformat(), not_found=None)
-            except BackendUnavailableError as exc:
-                log.warning("AutoMem: an access count was not recorded (%s)", exc)
-                answer = {}
-            except InvalidInputError:
-                answer = {}
-            if answer is None:
-                return False  # deleted by someone else since the search: a race, not a failure
-            memory["access_count"] = layer["access_count"]
-            memory["last_accessed_at"] = now
-            return True
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=ACCESS_WORKERS,
-                                            thread_name_prefix="automem-access")
-        kept = list(self._pool.map(count, memories))
-        return [memory for memory, alive in zip(memories, kept, strict=True) if alive]
 
     def _user_records(self, user_id: str) -> list[dict[str, Any]]:
         """The user's records, newest first (``set_profile`` replaces rather than patches)."""
