@@ -83,6 +83,7 @@ from app.core.database.migrator import migrations_dir
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
+from app.core.memory.cursors import CURSOR_GONE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import pgvector_transfer as transfer
 from app.core.memory.drivers.pgvector_connection import (
     check_url,
@@ -123,7 +124,6 @@ from app.core.memory.validation import (
     RecallFilters,
     check_bool,
     check_by_id,
-    check_cursor,
     check_display_name,
     check_id,
     check_json_object,
@@ -525,9 +525,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                                   namespace=namespace, tags=tags)
         include_deleted = check_bool(include_deleted, "include_deleted")
         limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
-        before = check_cursor(cursor)
+        listing = listing_scope(filters, include_deleted=include_deleted)
+        after_id = decode_cursor(cursor, listing)
         scope, params = _memory_scope(filters, _utcnow(), include_deleted=include_deleted)
         with self._connection() as conn:
+            # The cursor names the user's own last memory, not the table's key: look its key up
+            # inside this user, so a cursor never reaches another user's rows.
+            before = None if after_id is None else _cursor_anchor(conn, after_id, filters.user_id)
             rows = conn.execute(
                 f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
                 "AND (%(before)s::bigint IS NULL OR m.pk < %(before)s) "
@@ -537,7 +541,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         has_more = len(rows) > limit
         rows = rows[:limit]
         return {"items": [_memory_from_row(row) for row in rows],
-                "next_cursor": str(rows[-1][0]) if has_more else None}
+                "next_cursor": encode_cursor(rows[-1][1], listing) if has_more else None}
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
@@ -1141,6 +1145,19 @@ def _utcnow() -> datetime:
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
+
+
+def _cursor_anchor(conn: Any, memory_id: str, user_id: str) -> int:
+    """The key of ``user_id``'s memory ``memory_id`` a cursor continues after.
+
+    Raises ``InvalidInputError`` naming ``cursor`` when that memory is gone (purged or erased
+    between two pages): the listing cannot continue at a known place and starts over.
+    """
+    row = conn.execute("SELECT pk FROM memories WHERE id = %s AND user_id = %s",
+                       (memory_id, user_id)).fetchone()
+    if row is None:
+        raise InvalidInputError(CURSOR_GONE)
+    return int(row[0])
 
 
 def _memory_from_row(row: tuple[Any, ...]) -> Memory:

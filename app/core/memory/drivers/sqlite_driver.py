@@ -44,6 +44,7 @@ from app.core.database.sqlite_connection import MEMORY_DATABASE, open_sqlite
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
+from app.core.memory.cursors import CURSOR_GONE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers import sqlite_transfer as transfer
 from app.core.memory.drivers.sqlite_values import from_epoch, vector_blob
@@ -80,7 +81,6 @@ from app.core.memory.validation import (
     MemoryDraft,
     check_bool,
     check_by_id,
-    check_cursor,
     check_display_name,
     check_id,
     check_json_object,
@@ -475,9 +475,13 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                                   namespace=namespace, tags=tags)
         include_deleted = check_bool(include_deleted, "include_deleted")
         limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
-        before = check_cursor(cursor)
+        listing = listing_scope(filters, include_deleted=include_deleted)
+        after_id = decode_cursor(cursor, listing)
         scope = search.memory_scope(filters, time.time(), include_deleted=include_deleted)
         with self._read() as conn:
+            # The cursor names the user's own last memory, not the table's key: look its key up
+            # inside this user, so a cursor never reaches another user's rows.
+            before = None if after_id is None else _cursor_anchor(conn, after_id, filters.user_id)
             rows = conn.execute(
                 f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope.sql} "
                 "AND (? IS NULL OR m.pk < ?) ORDER BY m.pk DESC LIMIT ?",
@@ -486,7 +490,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         has_more = len(rows) > limit
         rows = rows[:limit]
         return {"items": [_memory_from_row(row) for row in rows],
-                "next_cursor": str(rows[-1]["pk"]) if has_more else None}
+                "next_cursor": encode_cursor(rows[-1]["id"], listing) if has_more else None}
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
@@ -1028,6 +1032,19 @@ def _memory_counts(conn: sqlite3.Connection, user_id: str | None, now: float) ->
         (now, user_id),
     ).fetchone()
     return {"visible": visible, "deleted": deleted, "expired": expired}
+
+
+def _cursor_anchor(conn: sqlite3.Connection, memory_id: str, user_id: str) -> int:
+    """The key of ``user_id``'s memory ``memory_id`` a cursor continues after.
+
+    Raises ``InvalidInputError`` naming ``cursor`` when that memory is gone (purged or erased
+    between two pages): the listing cannot continue at a known place and starts over.
+    """
+    row = conn.execute("SELECT pk FROM memories WHERE id = ? AND user_id = ?",
+                       (memory_id, user_id)).fetchone()
+    if row is None:
+        raise InvalidInputError(CURSOR_GONE)
+    return int(row["pk"])
 
 
 def _memory_from_row(row: sqlite3.Row) -> Memory:
