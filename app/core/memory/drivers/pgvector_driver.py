@@ -66,6 +66,7 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import struct
 import threading
@@ -141,6 +142,7 @@ from app.core.memory.validation import (
 )
 from config.settings import redact_secrets, redact_url
 
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -720,6 +722,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                         raise cause
                 self._pool.open(wait=False)
                 self._opened = True
+                logger.info("opened PostgreSQL memory store %s", self.url)  # redacted
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -97,6 +98,7 @@ from app.core.memory.validation import (
     prepare_store_many,
 )
 
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -200,6 +202,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         self._pending_access: dict[str, tuple[int, float]] = {}
         self._access_lock = threading.Lock()
         self._closed = False
+        self._announced = False  # the first connection is logged at INFO, later ones at DEBUG
         self._schema_checked = False
         self._identity_checked = False
 
@@ -702,6 +705,9 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                     raise BackendUnavailableError("this SqliteDriver is closed")
                 self._open.add(holder)
             self._local.holder = holder
+            announced, self._announced = self._announced, True
+            logger.log(logging.DEBUG if announced else logging.INFO,
+                       "opened SQLite memory store %s", self.path.resolve())
         return holder.connection
 
     def _file_identity(self) -> tuple[int, int]:
