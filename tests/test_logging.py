@@ -62,11 +62,11 @@ def test_migrations_and_sqlite_opening_are_logged(tmp_path: Path,
 
 
 def test_postgresql_opening_is_logged_without_the_password(
-        pg_url: str, caplog: pytest.LogCaptureFixture,
+        empty_pg: str, caplog: pytest.LogCaptureFixture,
         embedder: SentenceTransformerEmbedder) -> None:
     caplog.set_level(logging.DEBUG, logger="app")
     # The server trusts 127.0.0.1, so the password is sent but not needed: the open succeeds.
-    url = make_conninfo(pg_url, password="hunter2-pw-never-logged")
+    url = make_conninfo(empty_pg, password="hunter2-pw-never-logged")
     driver = PgvectorDriver(url=url, embedder=embedder)
     try:
         driver.list_memories("alice")
@@ -127,3 +127,30 @@ def test_refused_import_lines_are_warnings_with_number_and_rule_never_content(
             "line 3" in refused[1].getMessage(), "line 4" in refused[2].getMessage(),
             "content" in refused[2].getMessage()] == [True] * 5
     assert "TOPSECRET" not in _text(caplog)
+
+
+def test_slow_verbs_are_warnings_over_the_setting(
+        monkeypatch: pytest.MonkeyPatch, sqlite_path: Path, empty_pg: str,
+        caplog: pytest.LogCaptureFixture, embedder: SentenceTransformerEmbedder) -> None:
+    from config.settings import reset_settings
+
+    monkeypatch.setenv("MEMORY_SQLITE_PATH", str(sqlite_path))
+    monkeypatch.setenv("DATABASE_URL", empty_pg)
+    monkeypatch.setenv("MEMORY_SLOW_OPERATION_MS", "1")  # embedding a memory takes longer
+    reset_settings()
+    caplog.set_level(logging.INFO, logger="app")
+    for driver in (SqliteDriver.from_settings(), PgvectorDriver.from_settings()):
+        assert driver.slow_operation_ms == 1
+        try:
+            caplog.clear()
+            driver.store("alice", SECRET_CONTENT)
+            slow = [r for r in _records(caplog) if r.levelno == logging.WARNING]
+            assert len(slow) == 1 and f"slow {driver.name}.store" in slow[0].getMessage()
+            driver.slow_operation_ms = 0  # off
+            caplog.clear()
+            driver.store("alice", "again")
+            assert not [r for r in _records(caplog) if r.levelno == logging.WARNING]
+        finally:
+            driver.close()
+    assert "TOPSECRET" not in _text(caplog)
+    reset_settings()

@@ -116,6 +116,7 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
+from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -170,6 +171,7 @@ def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             return method(*args, **kwargs)
         except MemoryDriverError:
@@ -178,6 +180,10 @@ def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
             if not type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
                 raise
             raise _contract_error(exc, args[0]) from exc
+        finally:
+            driver = args[0]
+            log_if_slow(logger, getattr(driver, "name", "pgvector"), method.__name__, started,
+                        getattr(driver, "slow_operation_ms", DEFAULT_SLOW_OPERATION_MS))
 
     return wrapper
 
@@ -186,6 +192,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
     """Memories, knowledge and users in PostgreSQL + pgvector (see the module docstring)."""
 
     name = "pgvector"
+    #: Verbs slower than this (ms) are logged at WARNING; 0: never (``MEMORY_SLOW_OPERATION_MS``).
+    slow_operation_ms: int = DEFAULT_SLOW_OPERATION_MS
 
     def __init__(self, *, url: str | None = None, pool: Any = None,
                  embedder: Embedder | None = None, pool_min_size: int = 1,
@@ -235,13 +243,15 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         from config.settings import get_settings
 
         settings = get_settings()
-        return cls(
+        driver = cls(
             url=settings.database_url, pool_min_size=settings.pg_pool_min_size,
             pool_max_size=settings.pg_pool_max_size, pool_timeout=settings.pg_pool_timeout,
             connect_timeout=settings.pg_connect_timeout,
             exact_scan_max_rows=settings.pg_exact_scan_max_rows,
             retention=timedelta(days=settings.soft_delete_retention_days),
         )
+        driver.slow_operation_ms = settings.slow_operation_ms
+        return driver
 
     # -- the six verbs of the original design ---------------------------------------------------
 

@@ -74,6 +74,7 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
+from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -128,12 +129,15 @@ def _translate_errors(
 
     @functools.wraps(method)
     def wrapper(self: SqliteDriver, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
             if not _is_lock_contention(exc):
                 self._discard_connection()
             raise _contract_error(exc) from exc
+        finally:
+            log_if_slow(logger, self.name, method.__name__, started, self.slow_operation_ms)
 
     return wrapper
 
@@ -176,6 +180,8 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     """Memories, knowledge and users in one SQLite file (see the module docstring)."""
 
     name = "sqlite"
+    #: Verbs slower than this (ms) are logged at WARNING; 0: never (``MEMORY_SLOW_OPERATION_MS``).
+    slow_operation_ms: int = DEFAULT_SLOW_OPERATION_MS
 
     def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
                  busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
@@ -212,13 +218,15 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         from config.settings import get_settings
 
         settings = get_settings()
-        return cls(
+        driver = cls(
             path=settings.sqlite_path,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             retention=timedelta(days=settings.soft_delete_retention_days),
             vector_cache_max_vectors=settings.vector_cache_max_vectors,
             vector_cache_max_bytes=settings.vector_cache_max_bytes,
         )
+        driver.slow_operation_ms = settings.slow_operation_ms
+        return driver
 
     # -- the six verbs of the original design ---------------------------------------------------
 
