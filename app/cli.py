@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -213,6 +214,13 @@ def _service(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The library logs (under ``app``) and installs no handler; the CLI is the application and
+    # chooses quiet: its own lines are the user's output, and without a handler Python's
+    # last-resort one would repeat warnings (a refused import line, an AutoMem retry) on stderr.
+    # ``serve`` adds its own handler for the service's log.
+    root = logging.getLogger()
+    if not any(isinstance(handler, logging.NullHandler) for handler in root.handlers):
+        root.addHandler(logging.NullHandler())
     args = build_parser().parse_args(argv)
     try:
         if args.command == "copy":

@@ -57,6 +57,8 @@ class Settings:
     embedding_batch_size: int = 64
     query_cache_size: int = 1_024
     vector_cache_max_vectors: int = 2_000_000
+    #: A driver verb slower than this many milliseconds is logged at WARNING; 0: never.
+    slow_operation_ms: int = 1_000
     #: The SQLite vector cache's budget in bytes, overheads included; 0: the bytes of
     #: ``vector_cache_max_vectors`` vectors of the model's size.
     vector_cache_max_bytes: int = 0
@@ -153,6 +155,8 @@ class Settings:
                 number("MEMORY_EMBEDDING_BATCH_SIZE", defaults.embedding_batch_size)
             ) or 1,
             query_cache_size=int(number("MEMORY_QUERY_CACHE_SIZE", defaults.query_cache_size)),
+            slow_operation_ms=int(
+                number("MEMORY_SLOW_OPERATION_MS", defaults.slow_operation_ms)),
             vector_cache_max_vectors=int(
                 number("MEMORY_VECTOR_CACHE_MAX_VECTORS", defaults.vector_cache_max_vectors)
             ),

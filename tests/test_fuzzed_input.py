@@ -313,9 +313,11 @@ def test_dumped_records_are_checked_or_refused_never_crash(field: str, value: An
     assert 0 <= record["access_count"] < 2**31  # type: ignore[typeddict-item]
 
 
-@pytest.mark.parametrize("cursor", ["9999999999999999999", "²", "١٢", "-1", "1e3", " 1"])
+@pytest.mark.parametrize("cursor", ["9999999999999999999", "²", "١٢", "-1", "1e3", " 1", "",
+                                    "MTIz", "x" * 600])
 def test_a_cursor_that_was_never_issued_is_invalid_input(cursor: str):
-    from app.core.memory.validation import check_cursor
+    from app.core.memory.cursors import decode_cursor, listing_scope
+    from app.core.memory.validation import prepare_filters
 
     with pytest.raises(InvalidInputError, match="cursor"):
-        check_cursor(cursor)
+        decode_cursor(cursor, listing_scope(prepare_filters("alice"), include_deleted=False))

@@ -6,6 +6,8 @@ test) and, where it needs one, ``capabilities``. Ranking tests use the real embe
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -339,6 +341,57 @@ class MemoryDriverContract:
             if cursor is None:
                 break
         assert seen == [memory["id"] for memory in reversed(stored)]
+
+    def test_list_memories_cursor_reveals_no_global_position(
+        self, driver: BaseMemoryDriver
+    ) -> None:
+        # Other users' memories first: with a cursor made of the table's key, alice's second
+        # newest would be "32", telling her how many memories the whole store holds.
+        driver.store_many([{"user_id": "bob", "content": f"b{i}"} for i in range(30)])
+        driver.store_many([{"user_id": "alice", "content": f"a{i}"} for i in range(3)])
+        cursor = driver.list_memories("alice", limit=1)["next_cursor"]
+        assert isinstance(cursor, str) and not cursor.strip().lstrip("-").isdigit()
+        readings = [cursor]
+        with contextlib.suppress(ValueError):
+            readings.append(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+                            .decode("ascii", "replace"))
+        tokens = {token for text in readings for token in re.split(r"[^0-9A-Za-z]+", text)}
+        assert not tokens & {str(n) for n in range(1, 40)}, readings
+
+    def test_list_memories_cursor_is_refused_by_another_listing(
+        self, driver: BaseMemoryDriver
+    ) -> None:
+        driver.store_many([{"user_id": user, "content": f"{user}{i}", "tags": ["x"]}
+                           for user in ("alice", "bob") for i in range(3)])
+        cursor = driver.list_memories("alice", limit=1)["next_cursor"]
+        assert cursor is not None
+        assert len(driver.list_memories("alice", limit=5, cursor=cursor)["items"]) == 2
+        other_listings: list[Callable[[], Any]] = [
+            lambda: driver.list_memories("bob", limit=5, cursor=cursor),
+            lambda: driver.list_memories("alice", tags=["x"], limit=5, cursor=cursor),
+            lambda: driver.list_memories("alice", namespace="n", limit=5, cursor=cursor),
+            lambda: driver.list_memories("alice", include_deleted=True, limit=5, cursor=cursor),
+        ]
+        for listing in other_listings:
+            with pytest.raises(InvalidInputError, match="cursor"):
+                listing()
+        tampered = cursor[:-2] + ("A" if cursor[-2] != "A" else "B") + cursor[-1]
+        with pytest.raises(InvalidInputError, match="cursor"):
+            driver.list_memories("alice", limit=5, cursor=tampered)
+
+    def test_list_memories_cursor_after_a_purged_memory_continues_or_is_refused(
+        self, driver: BaseMemoryDriver
+    ) -> None:
+        stored = driver.store_many([{"user_id": "alice", "content": f"a{i}"} for i in range(3)])
+        cursor = driver.list_memories("alice", limit=1)["next_cursor"]
+        driver.delete(stored[-1]["id"], "alice")
+        assert driver.purge(retention=timedelta(0)) == 1
+        try:
+            rest = driver.list_memories("alice", limit=5, cursor=cursor)
+        except InvalidInputError as error:  # the place it continued from is gone: start over
+            assert "cursor" in str(error)
+        else:  # or it continues where it was, never elsewhere
+            assert _ids(rest["items"]) == [stored[1]["id"], stored[0]["id"]]
 
     def test_list_memories_filters_and_includes_deleted_on_request(
         self, driver: BaseMemoryDriver

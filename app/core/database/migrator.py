@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import re
 import sqlite3
 import time
@@ -40,6 +41,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 MIGRATIONS_ROOT = PROJECT_ROOT / "database" / "migrations"
 MIGRATION_NAME = re.compile(r"\d{4}_\d{2}_\d{2}_\d{6}_[a-z0-9_]+")
 
+
+#: INFO for each migration run or rolled back (name and time, never SQL parameters).
+logger = logging.getLogger(__name__)
 
 class MigrationError(RuntimeError):
     """A migration file is malformed or failed; the message names it."""
@@ -273,6 +277,8 @@ class Migrator:
         except Exception as exc:
             raise MigrationError(f"{name} ({direction}) failed: {exc}") from exc
         elapsed = (time.perf_counter() - started) * 1000
+        logger.info("%s migration %s (%.1f ms)",
+                    "ran" if direction == "up" else "rolled back", name, elapsed)
         self.out(f"{'Migrated' if direction == 'up' else 'Rolled back'}:  {name} "
                  f"({elapsed:.1f}ms)")
 

@@ -208,6 +208,13 @@ class BaseMemoryDriver(ABC):
         ``next_cursor`` is ``None`` on the last page. Pages stay consistent while memories are
         added: a memory stored after the first page was read never shows up on a later page.
         Not an access.
+
+        Cursors are opaque (``app.core.memory.cursors``): they reveal nothing about other users
+        or the store's size, and are valid only for the listing that issued them; a cursor
+        passed with another ``user_id``, other filters or ``include_deleted``, or altered, is
+        ``InvalidInputError`` naming ``cursor``. If the memory a cursor continues after was
+        purged or erased in between, a driver may refuse the cursor the same way (list again
+        from the start) but never continues anywhere else.
         """
 
     @abstractmethod

@@ -14,6 +14,7 @@ piece at a time and reported, so a hostile or broken file cannot make the import
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from app.core.memory.portable import (
     to_json_line,
 )
 from app.core.memory.validation import check_positive_int
+
+#: WARNING for each refused line or record: its place and the rule it broke, never its content.
+logger = logging.getLogger(__name__)
 
 #: How each record type is counted in reports and in a dump's end line.
 PLURALS = {"user": "users", "memory": "memories", "knowledge_document": "knowledge_documents"}
@@ -56,6 +60,17 @@ class TransferReport:
     def ok(self) -> bool:
         """Everything arrived and nothing was refused."""
         return self.complete and not self.refused
+
+    def refuse(self, place: str, reason: str) -> None:
+        """Record that the line or record at ``place`` was refused, and log it (WARNING).
+
+        The log gets the rule only: a validation message's ``(got ...)`` preview of the value,
+        which may be the memory's content, stays in the report the caller reads.
+        """
+        self.refused.append((place, reason))
+        rule = reason.split(" (got ", 1)[0]
+        logger.warning("import: %s refused: %s", place,
+                       rule if len(rule) <= 200 else rule[:197] + "...")
 
 
 def export_dump(driver: BaseMemoryDriver, out: TextIO, *, user_id: str | None = None,
@@ -100,17 +115,17 @@ def import_dump(driver: BaseMemoryDriver, lines: Iterable[str] | TextIO, *,
     batch = _Batch(driver, report, vectors_from, batch_size)
     for number, line in numbered:
         if line is None or len(line) > MAX_LINE_CHARS + 1:
-            report.refused.append((f"line {number}",
-                                   f"longer than {MAX_LINE_CHARS} characters (not read)"))
+            report.refuse(f"line {number}",
+                          f"longer than {MAX_LINE_CHARS} characters (not read)")
             continue
         if not line.strip():
             continue
         value = _json_or_none(line)
         if value is None:
-            report.refused.append((f"line {number}", "not a line of JSON (or nested deeper "
-                                                     "than it can be read)"))
+            report.refuse(f"line {number}", "not a line of JSON (or nested deeper "
+                                            "than it can be read)")
         elif report.complete:
-            report.refused.append((f"line {number}", "a record after the end line"))
+            report.refuse(f"line {number}", "a record after the end line")
         elif isinstance(value, dict) and value.get("type") == "end":
             report.complete = True
             report.expected = value.get("counts") if isinstance(value.get("counts"),
@@ -119,7 +134,7 @@ def import_dump(driver: BaseMemoryDriver, lines: Iterable[str] | TextIO, *,
             try:
                 batch.add(f"line {number}", parse_record(value, dimension))
             except InvalidInputError as exc:
-                report.refused.append((f"line {number}", str(exc)))
+                report.refuse(f"line {number}", str(exc))
         if progress:
             progress(number, total)
     batch.flush()
@@ -199,7 +214,7 @@ class _Batch:
                                                    vectors_from=self._vectors_from))
         for index, (place, record) in enumerate(zip(self._places, self._records, strict=True)):
             if index in refused:
-                self._report.refused.append((place, refused[index]))
+                self._report.refuse(place, refused[index])
             else:
                 self._report.written[PLURALS[record["type"]]] += 1
         self._records, self._places = [], []

@@ -266,20 +266,6 @@ def check_retention(value: Any, default: timedelta) -> timedelta:
     return value
 
 
-def check_cursor(value: Any, name: str = "cursor") -> int | None:
-    """An opaque cursor from ``list_memories``; ``None`` starts at the newest memory."""
-    if value is None:
-        return None
-    # isdigit() alone takes "²" and other digits int() refuses; a 64-bit key has at most 19.
-    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) \
-            or len(value) > 19 or int(value) > _MAX_CURSOR:
-        raise _fail(name, "a cursor returned by list_memories", value)
-    return int(value)
-
-
-_MAX_CURSOR = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT
-
-
 @dataclass(frozen=True)
 class MemoryDraft:
     """The checked arguments of one ``store``: everything a driver needs to write the memory."""

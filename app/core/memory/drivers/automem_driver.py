@@ -88,6 +88,7 @@ from typing import Any, NoReturn
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.chunking import chunk_text
+from app.core.memory.cursors import CURSOR_RULE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import automem_mapping as mapping
 from app.core.memory.drivers.automem_access import Access, AccessLog
 from app.core.memory.drivers.automem_http import AutomemHttp, OutcomeUnknownError
@@ -128,7 +129,6 @@ from app.core.memory.validation import (
     RecallFilters,
     check_bool,
     check_by_id,
-    check_cursor,
     check_display_name,
     check_id,
     check_json_object,
@@ -493,13 +493,20 @@ class AutomemDriver(BaseMemoryDriver):
                                   namespace=namespace, tags=tags)
         include_deleted = check_bool(include_deleted, "include_deleted")
         limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
-        before = check_cursor(cursor)
+        listing = listing_scope(filters, include_deleted=include_deleted)
+        position = decode_cursor(cursor, listing)
+        # The position is the stored time (microseconds) of the page's last memory: the caller's
+        # own data, nothing global about the server.
+        if position is not None and not (position.isascii() and position.isdigit()):
+            raise InvalidInputError(f"cursor must be {CURSOR_RULE}")
+        before = None if position is None else int(position)
         memories = self._scan(filters, datetime.now(UTC), include_deleted=include_deleted)
         if before is not None:
             memories = [m for m in memories if mapping.micros(m) < before]
         page = memories[:limit]
         return {"items": page,
-                "next_cursor": str(mapping.micros(page[-1])) if len(memories) > limit else None}
+                "next_cursor": encode_cursor(str(mapping.micros(page[-1])), listing)
+                if len(memories) > limit else None}
 
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
         memory_id, user_id = check_by_id(memory_id, user_id)

@@ -10,11 +10,13 @@ may exist. 400 is ``InvalidInputError`` with the server's message, 401 names the
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from app.core.memory.errors import BackendUnavailableError, InvalidInputError
 
+logger = logging.getLogger(__name__)
 
 class OutcomeUnknownError(BackendUnavailableError):
     """A creating request got no usable answer: it may or may not have been carried out.
@@ -44,7 +46,11 @@ class AutomemHttp:
         reason = ""
         for attempt in range(self._max_tries):
             if attempt:
-                time.sleep(self._backoff * 2 ** (attempt - 1))
+                wait = self._backoff * 2 ** (attempt - 1)
+                # The path names ids at most; the token (a header) and bodies are never logged.
+                logger.warning("AutoMem %s %s: %s; try %d of %d in %.2fs", method, path,
+                               reason, attempt + 1, self._max_tries, wait)
+                time.sleep(wait)
             try:
                 response = self.client.request(method, path, params=params, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

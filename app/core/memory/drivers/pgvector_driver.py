@@ -66,6 +66,7 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import struct
 import threading
@@ -83,6 +84,7 @@ from app.core.database.migrator import migrations_dir
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
+from app.core.memory.cursors import CURSOR_GONE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import pgvector_transfer as transfer
 from app.core.memory.drivers.pgvector_connection import (
     check_url,
@@ -114,6 +116,7 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
+from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -123,7 +126,6 @@ from app.core.memory.validation import (
     RecallFilters,
     check_bool,
     check_by_id,
-    check_cursor,
     check_display_name,
     check_id,
     check_json_object,
@@ -141,6 +143,7 @@ from app.core.memory.validation import (
 )
 from config.settings import redact_secrets, redact_url
 
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -168,6 +171,7 @@ def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             return method(*args, **kwargs)
         except MemoryDriverError:
@@ -176,6 +180,10 @@ def _translate_errors(method: Callable[P, R]) -> Callable[P, R]:
             if not type(exc).__module__.startswith(("psycopg", "psycopg_pool")):
                 raise
             raise _contract_error(exc, args[0]) from exc
+        finally:
+            driver = args[0]
+            log_if_slow(logger, getattr(driver, "name", "pgvector"), method.__name__, started,
+                        getattr(driver, "slow_operation_ms", DEFAULT_SLOW_OPERATION_MS))
 
     return wrapper
 
@@ -184,6 +192,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
     """Memories, knowledge and users in PostgreSQL + pgvector (see the module docstring)."""
 
     name = "pgvector"
+    #: Verbs slower than this (ms) are logged at WARNING; 0: never (``MEMORY_SLOW_OPERATION_MS``).
+    slow_operation_ms: int = DEFAULT_SLOW_OPERATION_MS
 
     def __init__(self, *, url: str | None = None, pool: Any = None,
                  embedder: Embedder | None = None, pool_min_size: int = 1,
@@ -233,13 +243,15 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         from config.settings import get_settings
 
         settings = get_settings()
-        return cls(
+        driver = cls(
             url=settings.database_url, pool_min_size=settings.pg_pool_min_size,
             pool_max_size=settings.pg_pool_max_size, pool_timeout=settings.pg_pool_timeout,
             connect_timeout=settings.pg_connect_timeout,
             exact_scan_max_rows=settings.pg_exact_scan_max_rows,
             retention=timedelta(days=settings.soft_delete_retention_days),
         )
+        driver.slow_operation_ms = settings.slow_operation_ms
+        return driver
 
     # -- the six verbs of the original design ---------------------------------------------------
 
@@ -525,9 +537,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                                   namespace=namespace, tags=tags)
         include_deleted = check_bool(include_deleted, "include_deleted")
         limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
-        before = check_cursor(cursor)
+        listing = listing_scope(filters, include_deleted=include_deleted)
+        after_id = decode_cursor(cursor, listing)
         scope, params = _memory_scope(filters, _utcnow(), include_deleted=include_deleted)
         with self._connection() as conn:
+            # The cursor names the user's own last memory, not the table's key: look its key up
+            # inside this user, so a cursor never reaches another user's rows.
+            before = None if after_id is None else _cursor_anchor(conn, after_id, filters.user_id)
             rows = conn.execute(
                 f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope} "
                 "AND (%(before)s::bigint IS NULL OR m.pk < %(before)s) "
@@ -537,7 +553,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         has_more = len(rows) > limit
         rows = rows[:limit]
         return {"items": [_memory_from_row(row) for row in rows],
-                "next_cursor": str(rows[-1][0]) if has_more else None}
+                "next_cursor": encode_cursor(rows[-1][1], listing) if has_more else None}
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
@@ -716,6 +732,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                         raise cause
                 self._pool.open(wait=False)
                 self._opened = True
+                logger.info("opened PostgreSQL memory store %s", self.url)  # redacted
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -1141,6 +1158,19 @@ def _utcnow() -> datetime:
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
+
+
+def _cursor_anchor(conn: Any, memory_id: str, user_id: str) -> int:
+    """The key of ``user_id``'s memory ``memory_id`` a cursor continues after.
+
+    Raises ``InvalidInputError`` naming ``cursor`` when that memory is gone (purged or erased
+    between two pages): the listing cannot continue at a known place and starts over.
+    """
+    row = conn.execute("SELECT pk FROM memories WHERE id = %s AND user_id = %s",
+                       (memory_id, user_id)).fetchone()
+    if row is None:
+        raise InvalidInputError(CURSOR_GONE)
+    return int(row[0])
 
 
 def _memory_from_row(row: tuple[Any, ...]) -> Memory:

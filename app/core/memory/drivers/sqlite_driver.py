@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -44,6 +45,7 @@ from app.core.database.sqlite_connection import MEMORY_DATABASE, open_sqlite
 from app.core.memory import ranking
 from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
+from app.core.memory.cursors import CURSOR_GONE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers import sqlite_transfer as transfer
 from app.core.memory.drivers.sqlite_values import from_epoch, vector_blob
@@ -72,6 +74,7 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
+from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -80,7 +83,6 @@ from app.core.memory.validation import (
     MemoryDraft,
     check_bool,
     check_by_id,
-    check_cursor,
     check_display_name,
     check_id,
     check_json_object,
@@ -97,6 +99,7 @@ from app.core.memory.validation import (
     prepare_store_many,
 )
 
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -126,12 +129,15 @@ def _translate_errors(
 
     @functools.wraps(method)
     def wrapper(self: SqliteDriver, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
             if not _is_lock_contention(exc):
                 self._discard_connection()
             raise _contract_error(exc) from exc
+        finally:
+            log_if_slow(logger, self.name, method.__name__, started, self.slow_operation_ms)
 
     return wrapper
 
@@ -174,6 +180,8 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     """Memories, knowledge and users in one SQLite file (see the module docstring)."""
 
     name = "sqlite"
+    #: Verbs slower than this (ms) are logged at WARNING; 0: never (``MEMORY_SLOW_OPERATION_MS``).
+    slow_operation_ms: int = DEFAULT_SLOW_OPERATION_MS
 
     def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
                  busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
@@ -200,6 +208,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         self._pending_access: dict[str, tuple[int, float]] = {}
         self._access_lock = threading.Lock()
         self._closed = False
+        self._announced = False  # the first connection is logged at INFO, later ones at DEBUG
         self._schema_checked = False
         self._identity_checked = False
 
@@ -209,13 +218,15 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         from config.settings import get_settings
 
         settings = get_settings()
-        return cls(
+        driver = cls(
             path=settings.sqlite_path,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             retention=timedelta(days=settings.soft_delete_retention_days),
             vector_cache_max_vectors=settings.vector_cache_max_vectors,
             vector_cache_max_bytes=settings.vector_cache_max_bytes,
         )
+        driver.slow_operation_ms = settings.slow_operation_ms
+        return driver
 
     # -- the six verbs of the original design ---------------------------------------------------
 
@@ -475,9 +486,13 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                                   namespace=namespace, tags=tags)
         include_deleted = check_bool(include_deleted, "include_deleted")
         limit = check_positive_int(limit, "limit", maximum=MAX_PAGE_SIZE)
-        before = check_cursor(cursor)
+        listing = listing_scope(filters, include_deleted=include_deleted)
+        after_id = decode_cursor(cursor, listing)
         scope = search.memory_scope(filters, time.time(), include_deleted=include_deleted)
         with self._read() as conn:
+            # The cursor names the user's own last memory, not the table's key: look its key up
+            # inside this user, so a cursor never reaches another user's rows.
+            before = None if after_id is None else _cursor_anchor(conn, after_id, filters.user_id)
             rows = conn.execute(
                 f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope.sql} "
                 "AND (? IS NULL OR m.pk < ?) ORDER BY m.pk DESC LIMIT ?",
@@ -486,7 +501,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         has_more = len(rows) > limit
         rows = rows[:limit]
         return {"items": [_memory_from_row(row) for row in rows],
-                "next_cursor": str(rows[-1]["pk"]) if has_more else None}
+                "next_cursor": encode_cursor(rows[-1]["id"], listing) if has_more else None}
 
     @_translate_errors
     def restore(self, memory_id: str, user_id: str | None = None) -> bool:
@@ -698,6 +713,9 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                     raise BackendUnavailableError("this SqliteDriver is closed")
                 self._open.add(holder)
             self._local.holder = holder
+            announced, self._announced = self._announced, True
+            logger.log(logging.DEBUG if announced else logging.INFO,
+                       "opened SQLite memory store %s", self.path.resolve())
         return holder.connection
 
     def _file_identity(self) -> tuple[int, int]:
@@ -1028,6 +1046,19 @@ def _memory_counts(conn: sqlite3.Connection, user_id: str | None, now: float) ->
         (now, user_id),
     ).fetchone()
     return {"visible": visible, "deleted": deleted, "expired": expired}
+
+
+def _cursor_anchor(conn: sqlite3.Connection, memory_id: str, user_id: str) -> int:
+    """The key of ``user_id``'s memory ``memory_id`` a cursor continues after.
+
+    Raises ``InvalidInputError`` naming ``cursor`` when that memory is gone (purged or erased
+    between two pages): the listing cannot continue at a known place and starts over.
+    """
+    row = conn.execute("SELECT pk FROM memories WHERE id = ? AND user_id = ?",
+                       (memory_id, user_id)).fetchone()
+    if row is None:
+        raise InvalidInputError(CURSOR_GONE)
+    return int(row["pk"])
 
 
 def _memory_from_row(row: sqlite3.Row) -> Memory:
