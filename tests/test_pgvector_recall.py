@@ -116,3 +116,41 @@ def test_the_recall_statement_ranks_as_ranking_py(driver: PgvectorDriver, empty_
                 assert [(m["id"], m["score"]) for m in found] == [
                     (ids[pk], round(score, 6)) for pk, score in expected], (query, use_vector)
         ranked_driver.close()
+
+
+@pytest.mark.parametrize("with_query", [True, False], ids=["ranked", "newest-first"])
+def test_concurrent_recalls_of_the_same_memories_never_deadlock(empty_pg: str, with_query: bool):
+    """Recalls count accesses by updating the rows they return. Two recalls whose results
+    overlap must lock those rows in one order (the primary key's), or each can wait for a row
+    the other holds: PostgreSQL then kills one with "deadlock detected", and the recall fails.
+    Before, the ranked recall updated its rows in the join's order and 100 concurrent recalls
+    of one user (bench.aio) failed this way."""
+    import threading
+
+    driver = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder(), pool_max_size=8)
+    words = [f"w{i}" for i in range(12)]
+    driver.store_many([{"user_id": "u", "content": " ".join(words[i % 12:i % 12 + 4] + [f"n{i}"])}
+                       for i in range(40)])
+    queries = [" ".join(words[i:i + 3]) for i in range(10)]
+    errors: list[BaseException] = []
+
+    def recall_many(offset: int) -> None:
+        try:
+            for round_ in range(25):
+                query = queries[(offset + round_) % len(queries)] if with_query else None
+                driver.recall("u", query=query, top_k=20)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=recall_many, args=(i,)) for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        driver.close()
+    assert errors == []
+    with psycopg.connect(empty_pg) as connection:
+        total = connection.execute("SELECT sum(access_count) FROM memories").fetchone()[0]
+    assert total == 8 * 25 * 20  # every recall counted each of its 20 results once

@@ -291,10 +291,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 if text is None:
                     # The newest first: picked, counted and returned by one statement.
                     rows = conn.execute(
-                        f"{_ACCESS_WRITE} pk IN (SELECT m.pk FROM memories m, (SELECT "
-                        "set_config('synchronous_commit', 'off', true)) AS settings "
-                        f"WHERE {scope} ORDER BY m.created_at DESC, m.pk DESC "
-                        f"LIMIT %(limit)s) RETURNING {_MEMORY_COLUMNS}, 1.0::float8",
+                        f"{_ACCESS_WRITE} m.pk = ANY(ARRAY("
+                        + _LOCK_IN_PK_ORDER.format(pks=(
+                            "SELECT m.pk FROM memories m, (SELECT "
+                            "set_config('synchronous_commit', 'off', true)) AS settings "
+                            f"WHERE {scope} ORDER BY m.created_at DESC, m.pk DESC "
+                            "LIMIT %(limit)s"))
+                        + f")) RETURNING {_MEMORY_COLUMNS}, 1.0::float8",
                         {**params, **touch, "limit": top_k},
                     ).fetchall()
                 else:
@@ -919,6 +922,11 @@ _SETTINGS = ("SELECT set_config('synchronous_commit', 'off', true), "
 #: commits with ``synchronous_commit`` off, not waiting for a WAL flush on every read.
 _ACCESS_WRITE = ("UPDATE memories m SET access_count = m.access_count + 1, "
                  "last_accessed_at = %(now)s WHERE ")
+#: Locks the rows ``{pks}`` names in primary-key order, returning their pks. Concurrent recalls
+#: with overlapping results would otherwise lock rows in their join's order and deadlock; the
+#: access write then takes ``m.pk = ANY(ARRAY(...))`` of it, an init plan run whole first.
+_LOCK_IN_PK_ORDER = ("SELECT l.pk FROM memories l WHERE l.pk IN ({pks}) "
+                     "ORDER BY l.pk FOR UPDATE OF l")
 #: A query word is searched for (its rows become keyword candidates) only while the rows it
 #: is estimated to match in the scope stay within this budget; see the module docstring.
 KEYWORD_MATCH_BUDGET = 200
@@ -945,8 +953,10 @@ def _ranked_and_touched(candidates_sql: str, weights: ranking.FusionWeights,
         f"({candidates_sql}), "
         f"ranked AS (SELECT pk, recency, {score} AS score FROM scored WHERE {eligible} "
         "ORDER BY score DESC, recency DESC, pk DESC LIMIT %(top_k)s), "
+        f"locked AS ({_LOCK_IN_PK_ORDER.format(pks='SELECT pk FROM ranked')}), "
         "touched AS (UPDATE memories m SET access_count = m.access_count + 1, "
         "last_accessed_at = %(now)s FROM ranked r WHERE m.pk = r.pk "
+        "AND m.pk = ANY(ARRAY(SELECT pk FROM locked)) "
         f"RETURNING {_MEMORY_COLUMNS}, r.score) "
         "SELECT * FROM touched"
     )
