@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,24 +75,31 @@ def migrate_postgres(url: str) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A new PostgreSQL database for this test run, migrated, dropped at the end."""
+@contextmanager
+def temporary_database(prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database named ``prefix`` + random hex; its URL; dropped after."""
     import secrets
 
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    name = f"memory_test_{secrets.token_hex(4)}"
+    name = f"{prefix}{secrets.token_hex(4)}"
+    identifier = psycopg.sql.Identifier(name)
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
-    url = make_conninfo(PG_ADMIN_URL, dbname=name)
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(identifier))
     try:
-        yield migrate_postgres(url)
+        yield make_conninfo(PG_ADMIN_URL, dbname=name)
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                psycopg.sql.Identifier(name)))
+                identifier))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A new PostgreSQL database for this test run, migrated, dropped at the end."""
+    with temporary_database("memory_test_") as url:
+        yield migrate_postgres(url)
 
 
 @pytest.fixture
@@ -107,14 +115,5 @@ def empty_pg(pg_url: str) -> str:
 @pytest.fixture
 def blank_database() -> Iterator[str]:
     """A PostgreSQL database with nothing in it (not even migrated), dropped afterwards."""
-    import secrets
-
-    import psycopg
-    from psycopg.conninfo import make_conninfo
-
-    name = f"memory_blank_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(PG_ADMIN_URL, dbname=name)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temporary_database("memory_blank_") as url:
+        yield url

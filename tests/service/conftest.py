@@ -30,7 +30,7 @@ from app.core.keys.sqlite_key_store import SqliteKeyStore
 from app.core.memory.aio import AsyncMemoryDriver
 from app.core.memory.embeddings import SentenceTransformerEmbedder
 from app.service.keys import create_key
-from tests.conftest import PG_ADMIN_URL, PROJECT_ROOT, migrate_postgres, migrate_sqlite
+from tests.conftest import PROJECT_ROOT, migrate_postgres, migrate_sqlite, temporary_database
 
 
 def free_port() -> int:
@@ -118,19 +118,8 @@ def sqlite_service(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="session")
 def service_pg_url() -> Iterator[str]:
     """A migrated PostgreSQL database of the service tests' own, dropped at the end."""
-    import psycopg
-    from psycopg.conninfo import make_conninfo
-
-    name = f"memory_service_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
-    url = make_conninfo(PG_ADMIN_URL, dbname=name)
-    try:
+    with temporary_database("memory_service_") as url:
         yield migrate_postgres(url)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                psycopg.sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -101,13 +101,7 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def embed_query(self, text: str) -> np.ndarray:
-        cached = self._query_cache.get(text)
-        if cached is not None:
-            return cached
-        vector = self.embed_documents([text])[0]
-        vector.setflags(write=False)
-        self._query_cache.put(text, vector)
-        return vector
+        return self._query_cache.vector_for(text, self.embed_documents)
 
     def _loaded(self) -> Any:
         if self._model is None:
@@ -131,6 +125,18 @@ class QueryVectorCache:
             if vector is not None:
                 self._entries.move_to_end(text)
             return vector
+
+    def vector_for(self, text: str,
+                   embed_documents: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
+        """``text``'s cached vector, else ``embed_documents([text])[0]``, made read-only and
+        cached: the ``embed_query`` of every embedder."""
+        cached = self.get(text)
+        if cached is not None:
+            return cached
+        vector = embed_documents([text])[0]
+        vector.setflags(write=False)
+        self.put(text, vector)
+        return vector
 
     def put(self, text: str, vector: np.ndarray) -> None:
         if self._max_entries == 0:

@@ -82,13 +82,7 @@ class OnnxEmbedder:
         return model.embed(list(texts), self._batch_size)
 
     def embed_query(self, text: str) -> np.ndarray:
-        cached = self._query_cache.get(text)
-        if cached is not None:
-            return cached
-        vector = self.embed_documents([text])[0]
-        vector.setflags(write=False)
-        self._query_cache.put(text, vector)
-        return vector
+        return self._query_cache.vector_for(text, self.embed_documents)
 
     def _loaded(self) -> _LoadedModel:
         if self._loaded_model is None:
