@@ -66,17 +66,36 @@ class BaseMemoryDriver(ABC):
         namespace: str | None = None,
         tags: list[str] | None = None,
         min_importance: float | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        reference_time: datetime | None = None,
+        context: int = 0,
     ) -> list[Memory]:
         """At most ``top_k`` visible memories of ``user_id``, best first.
 
         Scope: ``conversation_id``, ``agent_id``, ``namespace`` must match when given; the memory
         must carry every tag in ``tags`` and none in ``exclude_tags``; ``importance`` must be at
-        least ``min_importance``.
+        least ``min_importance``; ``occurred_at`` must lie between ``start`` and ``end`` (aware
+        datetimes, both ends included) when they are given.
 
         Ranking: with no ``query`` (``None`` or blank), newest first, each with ``score`` 1.0.
         With ``use_vector=False``, keyword search only (no embedding is computed) and only
         keyword matches are returned. Otherwise hybrid: vector and keyword candidates fused as
-        ``ranking.py`` documents. ``score`` is in 0..1, higher is better; ties go to the newest.
+        ``ranking.py`` documents. ``score`` is in 0..1, higher is better. Every statistic the
+        ranking uses (keyword idf, the common-word cut) comes from the recall's own scope, so
+        other users' memories never change it; the same query on the same data gives the same
+        list, equal scores ordered by recency then id, and the same scores on every driver
+        that ranks on its side.
+
+        Time: a query that names a time ("in May 2023", "last Friday", "two weeks ago"; read by
+        ``time_phrases.py`` relative to ``reference_time``, default now) lifts the memories that
+        occurred in that period (a boost, not a filter; ``start``/``end`` are the filter).
+
+        Context: with ``context=N`` (0..20), each returned memory carries ``context``: the N
+        visible memories before and the N after it in its conversation (same user and
+        conversation, ordered by ``occurred_at`` then storage order; ``[]`` without a
+        conversation), whatever the other filters say. Context memories are not counted as
+        accessed.
 
         Every returned memory has its ``access_count`` incremented and ``last_accessed_at`` set
         to now; the returned records show the new values.

@@ -49,10 +49,13 @@ How these were chosen (``python -m bench.retrieval --sweep``: LoCoMo, 760 questi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
+
+from app.core.memory.time_phrases import TimeWindow
 
 K = TypeVar("K", bound=Hashable)
 
@@ -68,7 +71,7 @@ has have having he her here hers herself him himself his how i if in into is it 
 me more most my myself no nor not now of off on once only or other our ours ourselves out over
 own same she should so some such than that the their theirs them themselves then there these
 they this those through to too under until up very was we were what when where which while who
-whom why will with would you your yours yourself yourselves
+whom why will with would you your yours yourself yourselves s t don
 """
 STOP_WORDS = frozenset(_STOP_WORD_TEXT.split())
 
@@ -100,6 +103,18 @@ DEFAULT_WEIGHTS = FusionWeights()
 
 #: How many candidates each side contributes, at least; more when top_k is large.
 MIN_CANDIDATE_DEPTH = 50
+
+
+#: Keyword candidates come only from query terms held by at most this share of the recall's
+#: rows (``KeywordStats.searched``).
+COMMON_TERM_SHARE = 0.1
+#: How much of the remaining way to 1.0 a memory's score is lifted when it occurred in the
+#: window of time the query names.
+TIME_BOOST = 0.3
+#: A neighbour of a hit (next to it in its conversation) scores at least this times the hit.
+CONTEXT_DECAY = 0.0
+#: How many neighbours on each side of a hit share its score.
+CONTEXT_DISTANCE = 1
 
 
 def candidate_depth(top_k: int) -> int:
@@ -142,24 +157,111 @@ def rank(
 
 @dataclass
 class Candidate:
-    """A row a recall may return, with what ranking needs to know of it."""
+    """A row a recall may return, with what ranking needs to know of it.
+
+    ``terms`` are the (searched or not) query terms the row holds, for ``keyword_coverage``;
+    ``keyword`` is filled from them. ``memory_id`` and ``recency`` give the total order of
+    equal scores; ``occurred_at`` (epoch seconds) meets the time window a query names.
+    """
 
     pk: int
     importance: float
     recency: float
     cosine: float = 0.0
     keyword: float = 0.0
+    memory_id: str = ""
+    occurred_at: float = 0.0
+    terms: frozenset[str] = frozenset()
 
 
-def rank_candidates(candidates: Mapping[int, Candidate], top_k: int,
-                    weights: FusionWeights = DEFAULT_WEIGHTS, *,
-                    use_vector: bool = True) -> list[tuple[int, float]]:
-    """The ``top_k`` best (pk, score) of ``candidates``: fused, or keyword coverage alone when
-    ``use_vector`` is false (then only keyword matches qualify)."""
+# -- keyword statistics: one user's own ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeywordStats:
+    """How many rows are in the recall's scope and how many of them hold each query term.
+
+    Counted by the driver over the *recall's own scope* (that user's visible memories matching
+    the filters), never over the table: one user's data must not move another's ranking, nor
+    reveal which words others store.
+    """
+
+    rows: int
+    matches: Mapping[str, int]
+
+    def weights(self) -> dict[str, float]:
+        """Each term's idf, ``ln(1 + (N - n + 0.5) / (n + 0.5))`` (BM25's, never negative)."""
+        return {term: math.log(1 + (self.rows - n + 0.5) / (n + 0.5))
+                for term, n in self.matches.items()}
+
+    def searched(self) -> list[str]:
+        """The terms whose rows become keyword candidates: those held by at most
+        ``COMMON_TERM_SHARE`` of the rows, or the rarest one if every term is more common. A
+        common term still counts in every candidate's coverage."""
+        present = [term for term, n in self.matches.items() if n > 0]
+        rare = [term for term in present if self.matches[term] <= COMMON_TERM_SHARE * self.rows]
+        if rare or not present:
+            return rare
+        return [min(present, key=lambda term: (self.matches[term], term))]
+
+
+def keyword_coverage(terms: frozenset[str] | set[str], weights: Mapping[str, float]) -> float:
+    """The share of the query's weight (its terms' idf) that a row holding ``terms`` covers."""
+    total = sum(weights.values())
+    if total <= 0:
+        return 0.0
+    return min(1.0, sum(weights[term] for term in terms if term in weights) / total)
+
+
+# -- ranking -----------------------------------------------------------------------------------
+
+def score_candidates(candidates: Mapping[int, Candidate],
+                     weights: FusionWeights = DEFAULT_WEIGHTS, *, use_vector: bool = True,
+                     window: TimeWindow | None = None) -> dict[int, float]:
+    """Each candidate's score in 0..1: fused (or keyword coverage alone when ``use_vector`` is
+    false; then only keyword matches qualify), lifted by ``TIME_BOOST`` when it occurred in the
+    ``window`` the query names."""
     keyword = {pk: c.keyword for pk, c in candidates.items() if c.keyword > 0}
     if use_vector:
         scores = fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
                       {pk: c.importance for pk, c in candidates.items()}, weights)
     else:
         scores = keyword
-    return rank(scores, {pk: c.recency for pk, c in candidates.items()}, top_k)
+    if window is not None:
+        start, end = window.start.timestamp(), window.end.timestamp()
+        for pk, score in scores.items():
+            if start <= candidates[pk].occurred_at < end:
+                scores[pk] = score + TIME_BOOST * (1.0 - score)
+    return scores
+
+
+def spread_to_neighbours(scores: dict[int, float], neighbours: Mapping[int, list[int]],
+                         decay: float) -> dict[int, float]:
+    """A memory next to a hit (``neighbours[hit]``) scores at least ``decay`` times the hit."""
+    spread = dict(scores)
+    for hit, around in neighbours.items():
+        lifted = decay * scores.get(hit, 0.0)
+        for pk in around:
+            if lifted > spread.get(pk, 0.0):
+                spread[pk] = lifted
+    return spread
+
+
+def order(scores: Mapping[int, float], candidates: Mapping[int, Candidate],
+          top_k: int) -> list[tuple[int, float]]:
+    """The ``top_k`` best (pk, score), best first, in a total order: equal scores go to the
+    newest (``recency``), then to the larger ``memory_id``, so the same query on the same data
+    gives the same list on every driver."""
+    def key(item: tuple[int, float]) -> tuple[float, float, str]:
+        candidate = candidates[item[0]]
+        return item[1], candidate.recency, candidate.memory_id
+
+    return sorted(scores.items(), key=key, reverse=True)[:top_k]
+
+
+def rank_candidates(candidates: Mapping[int, Candidate], top_k: int,
+                    weights: FusionWeights = DEFAULT_WEIGHTS, *,
+                    use_vector: bool = True,
+                    window: TimeWindow | None = None) -> list[tuple[int, float]]:
+    """The ``top_k`` best (pk, score) of ``candidates`` (``score_candidates``, ``order``)."""
+    scores = score_candidates(candidates, weights, use_vector=use_vector, window=window)
+    return order(scores, candidates, top_k)

@@ -293,6 +293,9 @@ class RecallFilters:
     tags: list[str] = field(default_factory=list)
     exclude_tags: list[str] = field(default_factory=list)
     min_importance: float | None = None
+    #: Recall only: ``occurred_at`` must lie in ``[start, end]`` (both ends included).
+    start: datetime | None = None
+    end: datetime | None = None
 
     @property
     def narrows(self) -> bool:
@@ -300,6 +303,7 @@ class RecallFilters:
         return bool(
             self.agent_id or self.conversation_id or self.namespace or self.tags
             or self.exclude_tags or self.min_importance is not None
+            or self.start is not None or self.end is not None
         )
 
 
@@ -402,8 +406,10 @@ def prepare_store_many(items: Any, *, now: datetime) -> list[MemoryDraft]:
 def prepare_filters(
     user_id: Any, *, agent_id: Any = None, conversation_id: Any = None, namespace: Any = None,
     tags: Any = None, exclude_tags: Any = None, min_importance: Any = None,
+    start: datetime | None = None, end: datetime | None = None,
 ) -> RecallFilters:
-    """Check the scope arguments shared by ``recall`` and ``list_memories``."""
+    """Check the scope arguments shared by ``recall`` and ``list_memories`` (``start`` and
+    ``end``: recall's, checked by ``prepare_recall_time``)."""
     return RecallFilters(
         user_id=check_id(user_id, "user_id"),
         agent_id=check_optional_id(agent_id, "agent_id"),
@@ -412,6 +418,8 @@ def prepare_filters(
         tags=check_tags(tags),
         exclude_tags=check_tags(exclude_tags, "exclude_tags"),
         min_importance=check_optional_importance(min_importance, "min_importance"),
+        start=start,
+        end=end,
     )
 
 
@@ -432,3 +440,34 @@ def prepare_changes(
         expires_at=expiry,
         clear_expiry=clear,
     )
+
+
+#: How many neighbours on each side of a hit ``recall(context=N)`` may bring.
+MAX_CONTEXT = 20
+
+
+@dataclass(frozen=True)
+class RecallTime:
+    """The checked time arguments of ``recall``."""
+
+    start: datetime | None
+    end: datetime | None
+    reference_time: datetime
+    context: int
+
+
+def prepare_recall_time(*, start: Any = None, end: Any = None, reference_time: Any = None,
+                        context: Any = 0, now: datetime) -> RecallTime:
+    """Check ``recall``'s ``start``, ``end`` (aware, start not after end), ``reference_time``
+    (aware; ``now`` when ``None``) and ``context`` (0..``MAX_CONTEXT`` neighbours a side)."""
+    first = None if start is None else check_aware_datetime(start, "start")
+    last = None if end is None else check_aware_datetime(end, "end")
+    if first is not None and last is not None and first > last:
+        raise InvalidInputError(f"start must not be after end (got start {first.isoformat()}, "
+                                f"end {last.isoformat()})")
+    reference = now if reference_time is None else check_aware_datetime(
+        reference_time, "reference_time")
+    if isinstance(context, bool) or not isinstance(context, int) or not (
+            0 <= context <= MAX_CONTEXT):
+        raise _fail("context", f"a whole number from 0 to {MAX_CONTEXT}", context)
+    return RecallTime(first, last, reference, context)

@@ -116,6 +116,7 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
+from app.core.memory.time_phrases import window_named_by
 from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
@@ -138,6 +139,7 @@ from app.core.memory.validation import (
     prepare_changes,
     prepare_filters,
     prepare_knowledge,
+    prepare_recall_time,
     prepare_store,
     prepare_store_many,
 )
@@ -235,7 +237,6 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self._closed = False
         self._schema_checked = False
         self._identity_checked = False
-        self._lexeme_stats: dict[str, _LexemeStats] = {}
 
     @classmethod
     def from_settings(cls) -> PgvectorDriver:
@@ -269,10 +270,17 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         namespace: str | None = None,
         tags: list[str] | None = None,
         min_importance: float | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        reference_time: datetime | None = None,
+        context: int = 0,
     ) -> list[Memory]:
+        when = prepare_recall_time(start=start, end=end, reference_time=reference_time,
+                                   context=context, now=_utcnow())
         filters = prepare_filters(
             user_id, agent_id=agent_id, conversation_id=conversation_id, namespace=namespace,
             tags=tags, exclude_tags=exclude_tags, min_importance=min_importance,
+            start=when.start, end=when.end,
         )
         top_k = check_top_k(top_k)
         use_vector = check_bool(use_vector, "use_vector")
@@ -280,40 +288,57 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text) if text is not None and use_vector else None
         now = _utcnow()
         scope, params = _memory_scope(filters, now)
-        touch = {"now": now}
         with self._connection() as conn:
             if conn.info.transaction_status:  # not idle: the first call's schema check
                 conn.commit()
-            # One statement, its own transaction: no BEGIN and COMMIT round trips (on a busy
+            # Each statement its own transaction: no BEGIN and COMMIT round trips (on a busy
             # machine each costs as much as the search); its settings are local to it.
             conn.autocommit = True
             try:
                 if text is None:
                     # The newest first: picked, counted and returned by one statement.
-                    rows = conn.execute(
-                        f"{_ACCESS_WRITE} m.pk = ANY(ARRAY("
-                        + _LOCK_IN_PK_ORDER.format(pks=(
-                            "SELECT m.pk FROM memories m, (SELECT "
-                            "set_config('synchronous_commit', 'off', true)) AS settings "
-                            f"WHERE {scope} ORDER BY m.created_at DESC, m.pk DESC "
-                            "LIMIT %(limit)s"))
-                        + f")) RETURNING {_MEMORY_COLUMNS}, 1.0::float8",
-                        {**params, **touch, "limit": top_k},
-                    ).fetchall()
+                    ranked = [(row[0], 1.0) for row in conn.execute(
+                        f"SELECT m.pk FROM memories m WHERE {scope} "
+                        "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s",
+                        {**params, "limit": top_k}).fetchall()]
                 else:
-                    sql, values, settings = self._recall_statement(
-                        conn, _MEMORIES, scope, params, text, query_vector, top_k)
-                    rows = conn.execute(
-                        _ranked_and_touched(sql, self._weights, query_vector is not None),
-                        {**values, **settings, **touch, **_weight_values(self._weights),
-                         "top_k": top_k},
-                    ).fetchall()
+                    candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,
+                                                      query_vector, top_k)
+                    window = window_named_by(text, when.reference_time)
+                    scores = ranking.score_candidates(candidates, self._weights,
+                                                      use_vector=query_vector is not None,
+                                                      window=window)
+                    if ranking.CONTEXT_DECAY > 0 and scores:
+                        hits = [pk for pk, _ in ranking.order(scores, candidates, top_k)]
+                        around = _neighbours(conn, hits, ranking.CONTEXT_DISTANCE, now)
+                        new = [pk for pks in around.values() for pk in pks
+                               if pk not in candidates]
+                        candidates = {**candidates, **self._details(conn, scope, params, new)}
+                        scores = ranking.spread_to_neighbours(
+                            scores, {hit: [pk for pk in pks if pk in candidates]
+                                     for hit, pks in around.items()}, ranking.CONTEXT_DECAY)
+                    ranked = ranking.order(scores, candidates, top_k)
+                rows = conn.execute(_ACCESS_WRITE, {"pks": [pk for pk, _ in ranked],
+                                                    "now": now}).fetchall() if ranked else []
+                around = (_neighbours(conn, [pk for pk, _ in ranked], when.context, now)
+                          if when.context else {})
+                context_rows = {row[0]: row for row in conn.execute(
+                    f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE m.pk = ANY(%s)",
+                    ([pk for pks in around.values() for pk in pks],)).fetchall()
+                } if around else {}
             finally:
                 if not conn.closed:  # a broken connection is discarded by the pool anyway
                     conn.autocommit = False
-        # Best first; ties to the newest, then the larger pk (ranking.rank's order).
-        rows.sort(key=lambda row: (row[-1], row[15], row[0]), reverse=True)
-        return [{**_memory_from_row(row), "score": round(row[-1], 6)} for row in rows]
+        by_pk = {row[0]: row for row in rows}
+        memories = []
+        for pk, score in ranked:
+            if pk in by_pk:
+                memory = {**_memory_from_row(by_pk[pk]), "score": round(score, 6)}
+                if when.context:
+                    memory["context"] = [_memory_from_row(context_rows[near])
+                                         for near in around.get(pk, []) if near in context_rows]
+                memories.append(memory)
+        return memories
 
     @_translate_errors
     def recall_global_knowledge(
@@ -827,48 +852,44 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
     def _candidate_rows(self, conn: Any, corpus: _Corpus, scope: str, params: dict[str, Any],
                         text: str, query_vector: np.ndarray | None,
                         top_k: int) -> dict[int, ranking.Candidate]:
-        """Every candidate's (importance, recency, cosine, keyword coverage), by pk."""
-        sql, values, settings = self._recall_statement(conn, corpus, scope, params, text,
-                                                       query_vector, top_k)
-        conn.execute(_SETTINGS, settings)
-        return {row[0]: ranking.Candidate(*row)
-                for row in conn.execute(sql, values).fetchall()}
+        """Every candidate with its importance, recency, id, time, cosine and keyword
+        coverage (from the scope's own term statistics, ``ranking.KeywordStats``), by pk."""
+        terms = ranking.query_terms(text)
+        sql, values = _candidate_query(corpus, scope, params, terms, query_vector, top_k,
+                                       self._exact_scan_max_rows)
+        rows = conn.execute(sql, values).fetchall()
+        if not rows:
+            return {}
+        stats = ranking.KeywordStats(int(rows[0][7]), dict(zip(terms, rows[0][8], strict=True)))
+        weights = stats.weights()
+        candidates = {}
+        for pk, importance, recency, cosine, public_id, occurred, held, *_ in rows:
+            held_terms = frozenset(terms[i - 1] for i in held)
+            candidates[pk] = ranking.Candidate(
+                pk, importance, recency, cosine, ranking.keyword_coverage(held_terms, weights),
+                public_id, occurred, held_terms)
+        return candidates
 
-    def _recall_statement(self, conn: Any, corpus: _Corpus, scope: str,
-                          params: dict[str, Any], text: str, query_vector: np.ndarray | None,
-                          top_k: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        frequent = self._frequent_lexemes(conn, corpus)
-        return _candidate_query(corpus, scope, params, text, query_vector, top_k,
-                                self._exact_scan_max_rows, frequent)
-
-    def _frequent_lexemes(self, conn: Any, corpus: _Corpus) -> _LexemeStats:
-        """The planner's estimate of the corpus's frequent words (cached ``_STATS_TTL`` s)."""
-        cached = self._lexeme_stats.get(corpus.table)
-        if cached is not None and time.monotonic() - cached.fetched_at < _STATS_TTL:
-            return cached
-        row = conn.execute(
-            "SELECT c.reltuples::float8, s.most_common_elems::text::text[], "
-            "s.most_common_elem_freqs FROM pg_class c LEFT JOIN pg_stats s "
-            "ON s.schemaname = current_schema() AND s.tablename = %(table)s "
-            "AND s.attname = 'content_tsv' WHERE c.oid = to_regclass(%(table)s)",
-            {"table": corpus.table}).fetchone()
-        rows, lexemes, shares = row or (0.0, None, None)
-        stats = _LexemeStats(time.monotonic(), max(0.0, rows or 0.0), [], [])
-        for lexeme, share in zip(lexemes or [], shares or [], strict=False):
-            if share * stats.rows > KEYWORD_MATCH_BUDGET:  # only these can ever be skipped
-                stats.lexemes.append(lexeme)
-                stats.shares.append(float(share))
-        self._lexeme_stats[corpus.table] = stats
-        return stats
+    def _details(self, conn: Any, scope: str, params: dict[str, Any],
+                 pks: list[int]) -> dict[int, ranking.Candidate]:
+        """Those of ``pks`` within ``scope``, as candidates without scores (context spread)."""
+        if not pks:
+            return {}
+        rows = conn.execute(
+            f"SELECT m.pk, m.importance, EXTRACT(EPOCH FROM m.created_at)::float8, m.id, "
+            f"EXTRACT(EPOCH FROM m.occurred_at)::float8 FROM memories m "
+            f"WHERE m.pk = ANY(%(wanted)s) AND {scope}", {**params, "wanted": pks}).fetchall()
+        return {pk: ranking.Candidate(pk, importance, recency, memory_id=public_id,
+                                      occurred_at=occurred)
+                for pk, importance, recency, public_id, occurred in rows}
 
     def explain_recall(self, user_id: str, text: str, query_vector: np.ndarray | None,
-                       top_k: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """The statement, parameters and settings (``set_config`` values) of a hybrid recall
-        of ``user_id`` (for ``bench.pgvector_recall --explain``; not part of the contract)."""
+                       top_k: int) -> tuple[str, dict[str, Any]]:
+        """The candidate statement and its parameters of a hybrid recall of ``user_id`` (for
+        ``bench.pgvector_recall --explain``; not part of the contract)."""
         scope, params = _memory_scope(prepare_filters(user_id), _utcnow())
-        with self._connection() as conn:
-            return self._recall_statement(conn, _MEMORIES, scope, params, text, query_vector,
-                                          top_k)
+        return _candidate_query(_MEMORIES, scope, params, ranking.query_terms(text),
+                                query_vector, top_k, self._exact_scan_max_rows)
 
 
 # -- module helpers -------------------------------------------------------------------------
@@ -880,98 +901,37 @@ _BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
 class _Corpus:
     """What differs between searching memories and knowledge chunks (constant SQL only).
 
-    ``population`` is the FROM clause whose size picks exact search or the index; ``table``
-    the table whose ``content_tsv`` statistics say which words are frequent.
+    ``population`` is the FROM clause whose size picks exact search or the index;
+    ``public_id`` and ``occurred`` are a row's id (the last tie-breaker) and its time.
     """
 
     def __init__(self, table: str, source: str, population: str, columns: str,
-                 importance: str, recency: str) -> None:
+                 importance: str, recency: str, public_id: str, occurred: str) -> None:
         self.table, self.source, self.population = table, source, population
         self.columns, self.importance, self.recency = columns, importance, recency
+        self.public_id, self.occurred = public_id, occurred
 
 
 _MEMORIES = _Corpus("memories", "memories m", "memories WHERE user_id = %(user_id)s",
-                    _MEMORY_COLUMNS, "m.importance", "m.created_at")
+                    _MEMORY_COLUMNS, "m.importance", "m.created_at", "m.id", "m.occurred_at")
 _KNOWLEDGE = _Corpus(
     "knowledge_chunks", "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
     "knowledge_chunks",
     "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
-    "0.5", "d.updated_at",
+    "0.5", "d.updated_at", "d.doc_id || '#' || m.chunk_index", "d.updated_at",
 )
 
-
-@dataclass
-class _LexemeStats:
-    """A table's size and its words found in more than ``KEYWORD_MATCH_BUDGET`` rows, with the
-    share of rows holding each (``pg_stats.most_common_elems`` of ``content_tsv``)."""
-
-    fetched_at: float
-    rows: float
-    lexemes: list[str]
-    shares: list[float]
-
-
-#: The recall statement's settings, as one statement (the pipeline cannot send several); see
-#: the module docstring for each.
-_SETTINGS = ("SELECT set_config('synchronous_commit', 'off', true), "
-             "set_config('hnsw.iterative_scan', 'strict_order', true), "
-             "set_config('hnsw.ef_search', %(ef_search)s, true), "
-             "set_config('max_parallel_workers_per_gather', '0', true), "
-             "set_config('jit', 'off', true)")
-#: The access-count write of recall; the WHERE clause follows. Bookkeeping: its transaction
-#: commits with ``synchronous_commit`` off, not waiting for a WAL flush on every read.
-_ACCESS_WRITE = ("UPDATE memories m SET access_count = m.access_count + 1, "
-                 "last_accessed_at = %(now)s WHERE ")
-#: Locks the rows ``{pks}`` names in primary-key order, returning their pks. Concurrent recalls
-#: with overlapping results would otherwise lock rows in their join's order and deadlock; the
-#: access write then takes ``m.pk = ANY(ARRAY(...))`` of it, an init plan run whole first.
-_LOCK_IN_PK_ORDER = ("SELECT l.pk FROM memories l WHERE l.pk IN ({pks}) "
-                     "ORDER BY l.pk FOR UPDATE OF l")
-#: A query word is searched for (its rows become keyword candidates) only while the rows it
-#: is estimated to match in the scope stay within this budget; see the module docstring.
-KEYWORD_MATCH_BUDGET = 200
-#: How long a driver reuses a table's word statistics (they change only when it is analysed).
-_STATS_TTL = 60.0
-def _ranked_and_touched(candidates_sql: str, weights: ranking.FusionWeights,
-                       use_vector: bool) -> str:
-    """The recall statement: ``_candidate_query``'s statement, ranked, and its top k's
-    access counted, returning their rows and scores (unordered).
-
-    The score is ``ranking.fuse``'s, term for term in the same order of float8 operations, so
-    it is the very number ``ranking.rank_candidates`` computes from the same candidates (a
-    test holds them equal); without a vector, the keyword coverage alone, as there.
-    """
-    if use_vector:
-        score = ("LEAST(1.0, (%(wv)s * LEAST(1.0, GREATEST(0.0, cosine)) "
-                 "+ %(wk)s * LEAST(1.0, GREATEST(0.0, coverage)) "
-                 "+ %(wi)s * importance) / %(total)s)")
-        eligible = "TRUE"
-    else:
-        score, eligible = "coverage", "coverage > 0"
-    return (
-        f"WITH scored (pk, importance, recency, cosine, coverage) AS MATERIALIZED "
-        f"({candidates_sql}), "
-        f"ranked AS (SELECT pk, recency, {score} AS score FROM scored WHERE {eligible} "
-        "ORDER BY score DESC, recency DESC, pk DESC LIMIT %(top_k)s), "
-        f"locked AS ({_LOCK_IN_PK_ORDER.format(pks='SELECT pk FROM ranked')}), "
-        "touched AS (UPDATE memories m SET access_count = m.access_count + 1, "
-        "last_accessed_at = %(now)s FROM ranked r WHERE m.pk = r.pk "
-        "AND m.pk = ANY(ARRAY(SELECT pk FROM locked)) "
-        f"RETURNING {_MEMORY_COLUMNS}, r.score) "
-        "SELECT * FROM touched"
-    )
-
-
-def _weight_values(weights: ranking.FusionWeights) -> dict[str, float]:
-    return {"wv": weights.vector, "wk": weights.keyword, "wi": weights.importance,
-            "total": weights.vector + weights.keyword + weights.importance}
-
-
-#: The share of the query's words (``q.lexemes``) that row ``m`` holds.
-_COVERAGE = ("(length(m.content_tsv) - length(ts_delete(m.content_tsv, q.lexemes)))::float8 "
-             "/ GREATEST(1, cardinality(q.lexemes))")
-#: ``lexeme`` as a tsquery operand: quoted, with quotes and backslashes escaped.
-_QUOTED_LEXEME = (r"'''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || ''''")
+#: Recall's access-count write: locks the chosen rows in primary-key order (concurrent
+#: recalls with overlapping results would otherwise lock them in their join's order and
+#: deadlock), counts the access and returns the rows. Bookkeeping: its transaction commits
+#: with ``synchronous_commit`` off, not waiting for a WAL flush on every read.
+_ACCESS_WRITE = (
+    "UPDATE memories m SET access_count = m.access_count + 1, last_accessed_at = %(now)s "
+    "WHERE m.pk = ANY(ARRAY(SELECT l.pk FROM memories l, "
+    "(SELECT set_config('synchronous_commit', 'off', true)) AS settings "
+    "WHERE l.pk = ANY(%(pks)s) ORDER BY l.pk FOR UPDATE OF l)) "
+    f"RETURNING {_MEMORY_COLUMNS}"
+)
 
 
 def _configure_session(conn: Any) -> None:
@@ -984,42 +944,45 @@ def _configure_session(conn: Any) -> None:
     conn.autocommit = False
 
 
-def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: str,
-                     query_vector: np.ndarray | None, top_k: int, exact_max: int,
-                     frequent: _LexemeStats) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """The candidate statement, its parameters, and the values of ``_SETTINGS``.
+def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms: list[str],
+                     query_vector: np.ndarray | None, top_k: int,
+                     exact_max: int) -> tuple[str, dict[str, Any]]:
+    """The candidate statement and its parameters.
 
-    Its rows: (pk, importance, recency, cosine, keyword coverage) of every candidate.
+    Its rows: (pk, importance, recency, cosine, public id, occurred, the 1-based indexes of
+    ``terms`` the row holds, the scope's row count, each term's row count in the scope). The
+    keyword side takes the rows holding a searched term (``ranking.KeywordStats.searched``,
+    the same rule in SQL) with the best idf-weighted coverage, ties to the larger pk.
     """
     depth = ranking.candidate_depth(top_k)
-    values = {**params, "text": text, "depth": depth, "exact_max": exact_max,
-              "ef_search": str(max(40, depth)),
-              "budget": KEYWORD_MATCH_BUDGET, "table_rows": frequent.rows,
-              "frequent": frequent.lexemes, "shares": frequent.shares}
+    values = {**params, "terms": terms, "depth": depth, "exact_max": exact_max,
+              "ef_search": str(max(40, depth)), "common": ranking.COMMON_TERM_SHARE}
+    coverage = ("(SELECT COALESCE(sum(w.idf), 0) FROM weighted w "
+                "WHERE m.content_tsv @@ w.tsq) / NULLIF((SELECT sum(idf) FROM weighted), 0)")
     parts = [
-        "q AS (SELECT tsvector_to_array(to_tsvector('english', %(text)s)) AS lexemes)",
         # The scope's size, counted up to exact_max + 1 from an index alone (every row of the
         # user, in any state: counting only the visible ones would visit each row's page).
         # It also applies the statement's settings (see the module docstring): every branch
         # reads "sized" before it starts, and pgvector reads its settings when a scan starts.
         "sized AS (SELECT COUNT(*) AS n, set_config('hnsw.ef_search', %(ef_search)s, true) "
-        "|| set_config('hnsw.iterative_scan', 'strict_order', true) "
-        "|| set_config('synchronous_commit', 'off', true) AS settings "
+        "|| set_config('hnsw.iterative_scan', 'strict_order', true) AS settings "
         f"FROM (SELECT 1 FROM {corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
-        # Each query word's estimated matches in the scope: its share of the table's rows
-        # times the scope's rows (the table's, when the count stopped at its cap).
-        "words AS (SELECT w.lexeme, COALESCE(f.share, 0) * (SELECT CASE WHEN n <= "
-        "%(exact_max)s THEN n ELSE GREATEST(n, %(table_rows)s) END FROM sized) AS matches "
-        "FROM q, unnest(q.lexemes) AS w (lexeme) "
-        "LEFT JOIN unnest(%(frequent)s::text[], %(shares)s::float8[]) AS f (lexeme, share) "
-        "ON f.lexeme = w.lexeme)",
-        # Searched: the words within the budget, or the rarest one if none is.
-        f"tsq AS (SELECT string_agg({_QUOTED_LEXEME}, ' | ')::tsquery AS tsq FROM "
-        "(SELECT lexeme FROM words WHERE matches <= %(budget)s UNION (SELECT lexeme "
-        "FROM words ORDER BY matches, lexeme LIMIT 1)) AS searched)",
-        f"keyword AS (SELECT m.pk FROM {corpus.source}, q, tsq WHERE m.content_tsv @@ tsq.tsq "
-        f"AND {scope} ORDER BY {_COVERAGE} DESC, {corpus.recency} DESC, m.pk DESC "
-        "LIMIT %(depth)s)",
+        # Each query term as the stemmed tsquery the index matches.
+        "q AS (SELECT t.i::int AS i, t.word, plainto_tsquery('english', t.word) AS tsq "
+        "FROM unnest(%(terms)s::text[]) WITH ORDINALITY AS t (word, i))",
+        # The scope's own statistics: its rows, and how many of them hold each term.
+        f"total AS (SELECT COUNT(*)::float8 AS n FROM {corpus.source} WHERE {scope})",
+        "weighted AS (SELECT q.i, q.word, q.tsq, c.n, ln(1 + ((SELECT n FROM total) - c.n "
+        "+ 0.5) / (c.n + 0.5)) AS idf FROM q CROSS JOIN LATERAL (SELECT COUNT(*)::float8 AS n "
+        f"FROM {corpus.source} WHERE m.content_tsv @@ q.tsq AND {scope}) AS c)",
+        "rare AS (SELECT tsq FROM weighted WHERE n > 0 "
+        "AND n <= %(common)s * (SELECT n FROM total))",
+        "searched AS (SELECT string_agg(tsq::text, ' | ')::tsquery AS tsq FROM "
+        "(SELECT tsq FROM rare UNION ALL (SELECT tsq FROM weighted WHERE n > 0 AND NOT EXISTS "
+        "(SELECT 1 FROM rare) ORDER BY n, word LIMIT 1)) AS chosen)",
+        f"keyword AS (SELECT m.pk FROM {corpus.source}, searched "
+        f"WHERE m.content_tsv @@ searched.tsq AND {scope} "
+        f"ORDER BY {coverage} DESC, m.pk DESC LIMIT %(depth)s)",
     ]
     union = "SELECT pk FROM keyword"
     cosine = "0.0::float8"
@@ -1039,11 +1002,37 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], text: 
     sql = (
         f"WITH {', '.join(parts)}, candidates AS ({union}) "
         f"SELECT m.pk, {corpus.importance}::float8, "
-        f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {_COVERAGE} "
-        # Ordered so that ranking's ties (same score, same time) go to the larger pk.
-        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk, q ORDER BY m.pk DESC"
+        f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
+        f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
+        "ARRAY(SELECT w.i FROM weighted w WHERE m.content_tsv @@ w.tsq ORDER BY w.i), "
+        "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i) "
+        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk"
     )
-    return sql, values, {"ef_search": str(max(40, depth))}
+    return sql, values
+
+
+def _neighbours(conn: Any, hits: list[int], count: int, now: datetime) -> dict[int, list[int]]:
+    """For each memory of ``hits``, the ``count`` visible memories before and after it in its
+    conversation (same user and conversation, by ``occurred_at`` then storage order), in that
+    order. A memory without a conversation has none."""
+    if not hits:
+        return {}
+    same = ("m.user_id = h.user_id AND m.conversation_id = h.conversation_id "
+            "AND m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > %(now)s)")
+    rows = conn.execute(
+        "SELECT h.pk, n.pk, n.side FROM memories h CROSS JOIN LATERAL ("
+        f"(SELECT m.pk, -1 AS side, m.occurred_at FROM memories m WHERE {same} "
+        "AND (m.occurred_at, m.pk) < (h.occurred_at, h.pk) "
+        "ORDER BY m.occurred_at DESC, m.pk DESC LIMIT %(count)s) UNION ALL "
+        f"(SELECT m.pk, 1 AS side, m.occurred_at FROM memories m WHERE {same} "
+        "AND (m.occurred_at, m.pk) > (h.occurred_at, h.pk) "
+        "ORDER BY m.occurred_at, m.pk LIMIT %(count)s)) AS n "
+        "WHERE h.pk = ANY(%(hits)s) ORDER BY h.pk, n.occurred_at, n.pk",
+        {"hits": hits, "count": count, "now": now}).fetchall()
+    around: dict[int, list[int]] = {hit: [] for hit in hits}
+    for hit, pk, _side in rows:
+        around[hit].append(pk)
+    return around
 
 
 def _memory_scope(filters: RecallFilters, now: datetime, *,
@@ -1062,6 +1051,12 @@ def _memory_scope(filters: RecallFilters, now: datetime, *,
     if filters.min_importance is not None:
         clauses.append("m.importance >= %(min_importance)s")
         params["min_importance"] = filters.min_importance
+    if filters.start is not None:
+        clauses.append("m.occurred_at >= %(start)s")
+        params["start"] = filters.start
+    if filters.end is not None:
+        clauses.append("m.occurred_at <= %(end)s")
+        params["end"] = filters.end
     if filters.tags:
         clauses.append("m.tags @> %(tags)s::text[]")
         params["tags"] = filters.tags

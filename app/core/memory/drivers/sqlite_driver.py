@@ -74,6 +74,7 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
+from app.core.memory.time_phrases import window_named_by
 from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
@@ -95,6 +96,7 @@ from app.core.memory.validation import (
     prepare_changes,
     prepare_filters,
     prepare_knowledge,
+    prepare_recall_time,
     prepare_store,
     prepare_store_many,
 )
@@ -244,10 +246,17 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         namespace: str | None = None,
         tags: list[str] | None = None,
         min_importance: float | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        reference_time: datetime | None = None,
+        context: int = 0,
     ) -> list[Memory]:
+        when = prepare_recall_time(start=start, end=end, reference_time=reference_time,
+                                   context=context, now=_utcnow())
         filters = prepare_filters(
             user_id, agent_id=agent_id, conversation_id=conversation_id, namespace=namespace,
             tags=tags, exclude_tags=exclude_tags, min_importance=min_importance,
+            start=when.start, end=when.end,
         )
         top_k = check_top_k(top_k)
         use_vector = check_bool(use_vector, "use_vector")
@@ -267,11 +276,31 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 candidates = self._candidates(conn, search.MEMORIES, scope, text, query_vector,
                                               f"memory:{filters.user_id}", top_k,
                                               (filters.user_id,))
-                ranked = ranking.rank_candidates(candidates, top_k, self._weights,
-                                                 use_vector=query_vector is not None)
+                window = window_named_by(text, when.reference_time)
+                scores = ranking.score_candidates(candidates, self._weights,
+                                                  use_vector=query_vector is not None,
+                                                  window=window)
+                if ranking.CONTEXT_DECAY > 0 and scores:
+                    hits = [pk for pk, _ in ranking.order(scores, candidates, top_k)]
+                    around = search.neighbours(conn, hits, ranking.CONTEXT_DISTANCE, now)
+                    new = [pk for pks in around.values() for pk in pks if pk not in candidates]
+                    candidates = {**candidates, **search.eligible_details(
+                        conn, search.MEMORIES, scope, new)}
+                    scores = ranking.spread_to_neighbours(
+                        scores, {hit: [pk for pk in pks if pk in candidates]
+                                 for hit, pks in around.items()}, ranking.CONTEXT_DECAY)
+                ranked = ranking.order(scores, candidates, top_k)
                 rows = self._memory_rows(conn, [pk for pk, _ in ranked])
+            around = (search.neighbours(conn, [pk for pk, _ in ranked], when.context, now)
+                      if when.context else {})
+            context_rows = {row["pk"]: row for row in self._memory_rows(
+                conn, sorted({pk for pks in around.values() for pk in pks}))}
         memories = _ordered_memories(rows, dict(ranked))
         self._record_access(memories, now)
+        if when.context:
+            for memory, (pk, _) in zip(memories, ranked, strict=True):
+                memory["context"] = [_memory_from_row(context_rows[near])
+                                     for near in around.get(pk, []) if near in context_rows]
         return memories
 
     @_translate_errors
@@ -900,28 +929,30 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     def _candidates(self, conn: sqlite3.Connection, corpus: search.Corpus, scope: search.Scope,
                     text: str, query_vector: np.ndarray | None, space_name: str, top_k: int,
                     space_params: tuple[Any, ...]) -> dict[int, ranking.Candidate]:
+        """The keyword and vector candidates of a recall, each with both scores."""
         depth = ranking.candidate_depth(top_k)
-        if query_vector is None:
-            return search.keyword_candidates(conn, corpus, scope, text, depth)
-        space = self._vector_cache().space(space_name)
-        owner = "AND user_id = ? " if space_params else ""
-        rows_sql = (f"SELECT pk, embedding FROM {corpus.table} WHERE 1 = 1 {owner}"
-                    "AND vec_seq > ?")
-        with space.lock:
-            search.sync_space(conn, corpus, space, space_name, rows_sql, space_params)
-        found = search.keyword_candidates(conn, corpus, scope, text, depth)
-        nearest = search.vector_candidates(conn, corpus, scope, space, query_vector, depth)
-        # Keyword-only finds get their true cosine too, so fusion compares like with like.
-        with space.lock:
-            cosines = space.similarities_of([pk for pk in found if pk not in nearest],
-                                            query_vector)
-        for pk, candidate in found.items():
-            if pk in nearest:
-                nearest[pk].keyword = candidate.keyword
-            else:
+        matches = search.keyword_matches(conn, corpus, scope, text)
+        found = search.keyword_candidates(conn, corpus, scope, matches, depth)
+        if query_vector is not None:
+            space = self._vector_cache().space(space_name)
+            owner = "AND user_id = ? " if space_params else ""
+            rows_sql = (f"SELECT pk, embedding FROM {corpus.table} WHERE 1 = 1 {owner}"
+                        "AND vec_seq > ?")
+            with space.lock:
+                search.sync_space(conn, corpus, space, space_name, rows_sql, space_params)
+            nearest = search.vector_candidates(conn, corpus, scope, space, query_vector, depth)
+            # Keyword-only finds get their true cosine too, so fusion compares like with like.
+            with space.lock:
+                cosines = space.similarities_of([pk for pk in found if pk not in nearest],
+                                                query_vector)
+            for pk, candidate in found.items():
                 candidate.cosine = cosines.get(pk, 0.0)
-                nearest[pk] = candidate
-        return nearest
+            found = {**found, **nearest}
+        weights = matches.stats.weights()
+        for pk, candidate in found.items():
+            candidate.terms = matches.terms_of(pk)
+            candidate.keyword = ranking.keyword_coverage(candidate.terms, weights)
+        return found
 
     def _memory_rows(self, conn: sqlite3.Connection, pks: list[int]) -> list[sqlite3.Row]:
         if not pks:

@@ -12,7 +12,6 @@ word tokens, so FTS syntax in a query (``" * - NEAR OR ( )``) is searched for, n
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,17 +20,11 @@ from typing import Any
 import numpy as np
 
 from app.core.memory.drivers.vector_cache import VectorSpace
-from app.core.memory.ranking import Candidate, query_terms
+from app.core.memory.ranking import Candidate, KeywordStats, keyword_coverage, query_terms
 from app.core.memory.validation import RecallFilters
 
 #: Below this many eligible rows, a filtered vector search scores just those rows.
 SMALL_SCOPE = 5_000
-#: Query words found in more than this share of the rows are not matched, unless the query has
-#: nothing rarer (tuned on LoCoMo, see ``ranking.py``).
-COMMON_TERM_SHARE = 0.1
-_COMMON_IDF = math.log((1 - COMMON_TERM_SHARE) / COMMON_TERM_SHARE)
-
-
 
 
 @dataclass(frozen=True)
@@ -44,16 +37,21 @@ class Corpus:
     source: str
     importance: str
     recency: str
+    #: The row's public id (the tie-breaker of equal scores) and when it occurred.
+    public_id: str
+    occurred: str
 
 
 MEMORIES = Corpus(
     table="memories", fts="memories_fts", removal_scope="memories",
     source="memories m", importance="m.importance", recency="m.created_at",
+    public_id="m.id", occurred="m.occurred_at",
 )
 KNOWLEDGE = Corpus(
     table="knowledge_chunks", fts="knowledge_fts", removal_scope="knowledge_chunks",
     source="knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
     importance="0.5", recency="d.updated_at",
+    public_id="d.doc_id || '#' || m.chunk_index", occurred="d.updated_at",
 )
 
 
@@ -81,6 +79,12 @@ def memory_scope(filters: RecallFilters, now: float, *, include_deleted: bool = 
     if filters.min_importance is not None:
         clauses.append("m.importance >= ?")
         params.append(filters.min_importance)
+    if filters.start is not None:
+        clauses.append("m.occurred_at >= ?")
+        params.append(filters.start.timestamp())
+    if filters.end is not None:
+        clauses.append("m.occurred_at <= ?")
+        params.append(filters.end.timestamp())
     for tag in filters.tags:
         clauses.append("EXISTS (SELECT 1 FROM json_each(m.tags) WHERE value = ?)")
         params.append(tag)
@@ -103,51 +107,76 @@ def fts_match_expression(terms: Sequence[str]) -> str:
     return " OR ".join(f'"{term}"' for term in terms)
 
 
-def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, text: str,
-                       depth: int) -> dict[int, Candidate]:
-    """The ``depth`` best bm25 matches of ``text`` within ``scope``.
+@dataclass
+class KeywordMatches:
+    """Which rows of the recall's scope hold each query term, and what that makes of them."""
 
-    ``keyword`` is the match's coverage of the query in 0..1: its bm25 divided by the bm25 a
-    document would earn by holding every query term once at average length (the sum of the
-    terms' idf). Unlike dividing by the best match of the query, this stays low when the best
-    match shares only a common word with the query. Words found in more than
-    ``COMMON_TERM_SHARE`` of the rows are not matched (unless the query has no other).
-    """
-    idf = _term_idf(conn, corpus, query_terms(text))
-    if not idf:
-        return {}
-    # A common word adds little to any score (past half the rows, FTS5 floors its idf to ~0),
-    # yet matching it makes bm25 visit a large share of the rows.
-    terms = [term for term, weight in idf.items() if weight > _COMMON_IDF] or list(idf)
-    ideal = sum(max(1e-6, idf[term]) for term in terms)
-    rows = conn.execute(
-        f"SELECT m.pk, -bm25({corpus.fts}), {corpus.importance}, {corpus.recency} "
-        # CROSS JOIN keeps the FTS index as the outer loop: the other way round, SQLite walks
-        # the user's rows and runs the MATCH once per row.
-        f"FROM {corpus.fts} CROSS JOIN {corpus.source} "
-        f"WHERE m.pk = {corpus.fts}.rowid AND {corpus.fts} MATCH ? AND {scope.sql} "
-        f"ORDER BY bm25({corpus.fts}) LIMIT ?",
-        (fts_match_expression(terms), *scope.params, depth),
-    ).fetchall()
-    return {pk: Candidate(pk, importance, recency, keyword=min(1.0, max(0.0, score) / ideal))
-            for pk, score, importance, recency in rows}
+    holders: dict[str, set[int]]
+    stats: KeywordStats
+
+    def terms_of(self, pk: int) -> frozenset[str]:
+        return frozenset(term for term, pks in self.holders.items() if pk in pks)
+
+    def searched_pks(self) -> set[int]:
+        """The rows holding a searched (not too common) term: the keyword candidates."""
+        return set().union(*(self.holders[term] for term in self.stats.searched()))
 
 
-def _term_idf(conn: sqlite3.Connection, corpus: Corpus, terms: Sequence[str]) -> dict[str, float]:
-    """FTS5's idf of each term, log((N - n + 0.5) / (n + 0.5)), before FTS5 floors it at 1e-6.
+def keyword_matches(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
+                    text: str) -> KeywordMatches:
+    """The rows within ``scope`` holding each term of ``text`` (FTS5, stemmed), and the scope's
+    size: the statistics of ``ranking.KeywordStats`` from the recall's own rows only."""
+    holders: dict[str, set[int]] = {}
+    for term in query_terms(text):
+        rows = conn.execute(
+            # CROSS JOIN keeps the FTS index as the outer loop: the other way round, SQLite
+            # walks the scope's rows and runs the MATCH once per row.
+            f"SELECT m.pk FROM {corpus.fts} CROSS JOIN {corpus.source} "
+            f"WHERE m.pk = {corpus.fts}.rowid AND {corpus.fts} MATCH ? AND {scope.sql}",
+            (fts_match_expression([term]), *scope.params),
+        ).fetchall()
+        holders[term] = {pk for (pk,) in rows}
+    (rows_in_scope,) = conn.execute(
+        f"SELECT COUNT(*) FROM {corpus.source} WHERE {scope.sql}", scope.params).fetchone()
+    return KeywordMatches(holders, KeywordStats(rows_in_scope, {
+        term: len(pks) for term, pks in holders.items()}))
 
-    N is the table's highest pk (O(1), and close enough: deleted rows nudge every idf alike).
-    """
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (corpus.table,)).fetchone()
-    total = row[0] if row else 0
-    idf = {}
-    for term in terms:
-        (matching,) = conn.execute(
-            f"SELECT COUNT(*) FROM {corpus.fts} WHERE {corpus.fts} MATCH ?",
-            (fts_match_expression([term]),),
-        ).fetchone()
-        idf[term] = math.log((total - matching + 0.5) / (matching + 0.5))
-    return idf
+
+def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
+                       matches: KeywordMatches, depth: int) -> dict[int, Candidate]:
+    """The ``depth`` rows with the best keyword coverage among those holding a searched term
+    (ties to the larger pk), with their details."""
+    weights = matches.stats.weights()
+    coverage = {pk: keyword_coverage(matches.terms_of(pk), weights)
+                for pk in matches.searched_pks()}
+    best = sorted(coverage, key=lambda pk: (coverage[pk], pk), reverse=True)[:depth]
+    return eligible_details(conn, corpus, scope, best)
+
+
+def neighbours(conn: sqlite3.Connection, hits: Sequence[int], count: int,
+               now: float) -> dict[int, list[int]]:
+    """For each memory of ``hits``, the ``count`` visible memories before and after it in its
+    conversation (same user and conversation, by ``occurred_at`` then storage order), in that
+    order. A memory without a conversation has none."""
+    visible = "m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > ?)"
+    around: dict[int, list[int]] = {}
+    for hit in hits:
+        row = conn.execute("SELECT user_id, conversation_id, occurred_at FROM memories "
+                           "WHERE pk = ?", (hit,)).fetchone()
+        if row is None or row[1] is None:
+            around[hit] = []
+            continue
+        same = (f"m.user_id = ? AND m.conversation_id = ? AND {visible}", (row[0], row[1], now))
+        before = conn.execute(
+            f"SELECT m.pk FROM memories m WHERE {same[0]} AND (m.occurred_at < ? OR "
+            "(m.occurred_at = ? AND m.pk < ?)) ORDER BY m.occurred_at DESC, m.pk DESC LIMIT ?",
+            (*same[1], row[2], row[2], hit, count)).fetchall()
+        after = conn.execute(
+            f"SELECT m.pk FROM memories m WHERE {same[0]} AND (m.occurred_at > ? OR "
+            "(m.occurred_at = ? AND m.pk > ?)) ORDER BY m.occurred_at, m.pk LIMIT ?",
+            (*same[1], row[2], row[2], hit, count)).fetchall()
+        around[hit] = [pk for (pk,) in reversed(before)] + [pk for (pk,) in after]
+    return around
 
 
 def sync_space(conn: sqlite3.Connection, corpus: Corpus, space: VectorSpace, space_name: str,
@@ -213,12 +242,13 @@ def eligible_details(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
     # CROSS JOIN makes SQLite look the pks up one by one; left to itself it may walk every row
     # of the user through the user_id index instead.
     rows = conn.execute(
-        f"SELECT m.pk, {corpus.importance}, {corpus.recency} "
-        f"FROM json_each(?) AS wanted CROSS JOIN {corpus.source} "
+        f"SELECT m.pk, {corpus.importance}, {corpus.recency}, {corpus.public_id}, "
+        f"{corpus.occurred} FROM json_each(?) AS wanted CROSS JOIN {corpus.source} "
         f"WHERE m.pk = wanted.value AND {scope.sql}",
         (json.dumps([int(pk) for pk in pks]), *scope.params),
     ).fetchall()
-    return {pk: Candidate(pk, importance, recency) for pk, importance, recency in rows}
+    return {pk: Candidate(pk, importance, recency, memory_id=public_id, occurred_at=occurred)
+            for pk, importance, recency, public_id, occurred in rows}
 
 
 def _with_cosines(candidates: dict[int, Candidate],
