@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -53,6 +54,7 @@ INSTRUCTIONS = (
 )
 
 _memories = TypeAdapter(list[s.MemoryOut])
+_hits = TypeAdapter(list[s.SearchHit])
 _knowledge = TypeAdapter(list[s.KnowledgeOut])
 
 #: How a tool call finds its driver and the user it acts for.
@@ -105,15 +107,25 @@ def build_server(resolve: Resolver, resolve_driver: KnowledgeResolver) -> MCPSer
                                                                     "any of these.")] = None,
         conversation_id: str | None = None,
         namespace: str | None = None,
+        start: Annotated[datetime | None, Field(
+            description="Only memories from this time on (ISO 8601 with a timezone, e.g. "
+                        "2023-05-01T00:00:00Z).")] = None,
+        end: Annotated[datetime | None, Field(
+            description="Only memories up to this time (ISO 8601 with a timezone).")] = None,
+        context: Annotated[int, Field(
+            description="Also return the N messages before and after each result in its "
+                        "conversation (0..20), to see what was around it.")] = 0,
     ) -> CallToolResult:
         """Recall what is known about the user, most relevant first (hybrid semantic and keyword
-        search). Each result has a score from 0 to 1."""
+        search). Each result has a score from 0 to 1. A query that names a time ("in May
+        2023", "last Friday") favours memories from then; start and end filter by time."""
         driver, user_id = await resolve(ctx)
         found = await _verb(driver.recall(user_id, conversation_id, query, top_k,
                                           exclude_tags=exclude_tags, namespace=namespace,
-                                          tags=tags))
+                                          tags=tags, start=start, end=end, context=context))
         lines = [f"{m['score']:.2f} {m['id']}: {_short(m['content'])}" for m in found]
-        return _answer("\n".join(lines) or "no memories found", {"results": _many(found)})
+        results = _hits.dump_python(_hits.validate_python(found), mode="json", exclude_none=True)
+        return _answer("\n".join(lines) or "no memories found", {"results": results})
 
     @server.tool(annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True))
     async def update_memory(

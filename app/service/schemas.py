@@ -61,6 +61,15 @@ class SearchBody(_Body):
     namespace: str | None = None
     tags: list[str] | None = Field(None, description="Must carry all of these.")
     min_importance: float | None = None
+    start: datetime | None = Field(None, description="Only memories that occurred at or after "
+                                                     "this time (with a timezone).")
+    end: datetime | None = Field(None, description="Only memories that occurred at or before "
+                                                   "this time (with a timezone).")
+    reference_time: datetime | None = Field(
+        None, description="What 'now' is when the query says 'last Friday' or 'two weeks "
+                          "ago' (with a timezone); default: now.")
+    context: int = Field(0, description="Bring each result's N neighbours before and after it "
+                                        "in its conversation (0..20).")
 
 
 class UpdateBody(_Body):
@@ -150,8 +159,16 @@ class MemoryPageOut(BaseModel):
     next_cursor: str | None = Field(description="Pass it back as cursor; null on the last page.")
 
 
+class SearchHit(MemoryOut):
+    """A search result: a memory with its score and, with ``context=N``, its neighbours."""
+
+    context: list[MemoryOut] | None = Field(
+        None, description="With context=N: the N memories before and after this one in its "
+                          "conversation, in order.")
+
+
 class SearchResults(BaseModel):
-    results: list[MemoryOut]
+    results: list[SearchHit]
 
 
 class KnowledgeDocumentOut(BaseModel):

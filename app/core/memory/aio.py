@@ -79,6 +79,7 @@ from app.core.memory.validation import (
     check_query,
     check_top_k,
     prepare_filters,
+    prepare_recall_time,
     prepare_store,
     prepare_store_many,
 )
@@ -146,18 +147,25 @@ class AsyncMemoryDriver:
         namespace: str | None = None,
         tags: list[str] | None = None,
         min_importance: float | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        reference_time: datetime | None = None,
+        context: int = 0,
     ) -> list[Memory]:
         """``BaseMemoryDriver.recall`` off the loop."""
         prepare_filters(user_id, agent_id=agent_id, conversation_id=conversation_id,
                         namespace=namespace, tags=tags, exclude_tags=exclude_tags,
                         min_importance=min_importance)
+        prepare_recall_time(start=start, end=end, reference_time=reference_time,
+                            context=context, now=datetime.now(UTC))
         check_top_k(top_k)
         check_bool(use_vector, "use_vector")
         check_query(query)
         return await self._run(
             self.driver.recall, user_id, conversation_id, query, top_k, use_vector,
             exclude_tags, agent_id=agent_id, namespace=namespace, tags=tags,
-            min_importance=min_importance,
+            min_importance=min_importance, start=start, end=end,
+            reference_time=reference_time, context=context,
         )
 
     async def recall_global_knowledge(

@@ -229,9 +229,14 @@ def score_candidates(candidates: Mapping[int, Candidate],
     if window is not None:
         start, end = window.start.timestamp(), window.end.timestamp()
         for pk, score in scores.items():
-            if start <= candidates[pk].occurred_at < end:
-                scores[pk] = score + TIME_BOOST * (1.0 - score)
+            scores[pk] = time_boosted(score, start <= candidates[pk].occurred_at < end)
     return scores
+
+
+def time_boosted(score: float, in_window: bool) -> float:
+    """``score`` lifted ``TIME_BOOST`` of the way to 1.0 when the memory occurred in the window
+    of time the query names; unchanged otherwise."""
+    return score + TIME_BOOST * (1.0 - score) if in_window else score
 
 
 def spread_to_neighbours(scores: dict[int, float], neighbours: Mapping[int, list[int]],

@@ -30,6 +30,8 @@ class Memory(TypedDict):
     created_at: datetime
     updated_at: datetime
     score: NotRequired[float]
+    #: On ``recall(context=N)`` results only: the neighbours in its conversation, in order.
+    context: NotRequired[list[Memory]]
 
 
 class MemoryInput(TypedDict, total=False):

@@ -119,6 +119,7 @@ from app.core.memory.records import (
     User,
     user_record,
 )
+from app.core.memory.time_phrases import window_named_by
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -141,6 +142,7 @@ from app.core.memory.validation import (
     prepare_changes,
     prepare_filters,
     prepare_knowledge,
+    prepare_recall_time,
     prepare_store,
     prepare_store_many,
 )
@@ -223,10 +225,17 @@ class AutomemDriver(BaseMemoryDriver):
         namespace: str | None = None,
         tags: list[str] | None = None,
         min_importance: float | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        reference_time: datetime | None = None,
+        context: int = 0,
     ) -> list[Memory]:
+        when = prepare_recall_time(start=start, end=end, reference_time=reference_time,
+                                   context=context, now=datetime.now(UTC))
         filters = prepare_filters(
             user_id, agent_id=agent_id, conversation_id=conversation_id, namespace=namespace,
             tags=tags, exclude_tags=exclude_tags, min_importance=min_importance,
+            start=when.start, end=when.end,
         )
         top_k = check_top_k(top_k)
         use_vector = check_bool(use_vector, "use_vector")
@@ -240,6 +249,9 @@ class AutomemDriver(BaseMemoryDriver):
         params += [("tags", tag) for tag in mapping.filter_tags(filters)]
         params += [("exclude_tags", mapping.caller_tag(tag)) for tag in filters.exclude_tags]
         params.append(("query", text) if text else ("sort", "time_desc"))
+        params += [(name, moment.isoformat()) for name, moment in
+                   (("start", filters.start), ("end", filters.end)) if moment is not None]
+        window = window_named_by(text, when.reference_time) if text else None
         read_started = time.monotonic()
         body = self._http.request("GET", "/recall", params=params)
         results = [r for r in _list(body.get("results")) if isinstance(r, dict)]
@@ -251,16 +263,18 @@ class AutomemDriver(BaseMemoryDriver):
             if not isinstance(server, dict):
                 continue
             memory = memory_from_server(server, result.get("id") or server.get("id"))
-            if memory is None or memory["id"] in server_of or not visible(memory, filters, now):
+            if (memory is None or memory["id"] in server_of or not visible(memory, filters, now)
+                    or not _in_period(memory, filters)):
                 continue
             if terms and not terms & set(ranking.query_terms(memory["content"])):
                 continue
-            memory["score"] = 1.0 if not text else clip(result.get("final_score",
-                                                                    result.get("score")))
+            memory["score"] = 1.0 if not text else ranking.time_boosted(
+                clip(result.get("final_score", result.get("score"))),
+                window is not None and window.holds(memory["occurred_at"]))
             found.append(memory)
             server_of[memory["id"]] = server
         if text:
-            found.sort(key=lambda m: (m["score"], m["created_at"]), reverse=True)
+            found.sort(key=lambda m: (m["score"], m["created_at"], m["id"]), reverse=True)
         # The server cut its answer at ``limit`` before the checks above: if that may have left
         # memories out, list the user's memories in full (the server cannot page a recall).
         cut = len(results) >= limit or top_k > RECALL_LIMIT
@@ -270,7 +284,26 @@ class AutomemDriver(BaseMemoryDriver):
         self._access.record([memory["id"] for memory in found], now)
         for memory in found:
             self._overlay(memory, server_of[memory["id"]], read_started)
+        if when.context:
+            self._attach_context(found, when.context, now)
         return found
+
+    def _attach_context(self, hits: list[Memory], count: int, now: datetime) -> None:
+        """Give each hit its ``context`` (see the contract): the server has no notion of
+        neighbours, so the user's memories are listed once and ordered here."""
+        conversations = {hit["conversation_id"] for hit in hits if hit["conversation_id"]}
+        by_conversation: dict[str, list[Memory]] = {c: [] for c in conversations}
+        if conversations:
+            for memory in self._scan(RecallFilters(user_id=hits[0]["user_id"]), now):
+                if memory["conversation_id"] in by_conversation:
+                    by_conversation[memory["conversation_id"]].append(memory)
+        for talk in by_conversation.values():
+            talk.sort(key=lambda m: (m["occurred_at"], mapping.micros(m), m["id"]))
+        for hit in hits:
+            talk = by_conversation.get(hit["conversation_id"] or "", [])
+            at = next((i for i, m in enumerate(talk) if m["id"] == hit["id"]), None)
+            hit["context"] = [] if at is None else (
+                talk[max(0, at - count):at] + talk[at + 1:at + 1 + count])
 
     def recall_global_knowledge(
         self, query: str, top_k: int = 5, category: str | None = None
@@ -965,7 +998,7 @@ class AutomemDriver(BaseMemoryDriver):
         servers = {s["id"]: s for s in self._list_tagged(mapping.user_tag(filters.user_id),
                                                          kind="memory", user_id=filters.user_id)}
         listed = [m for m in (memory_from_server(s, i) for i, s in servers.items())
-                  if m is not None and visible(m, filters, now)]
+                  if m is not None and visible(m, filters, now) and _in_period(m, filters)]
         if not text:
             listed.sort(key=mapping.micros, reverse=True)
             for memory in listed:
@@ -1029,6 +1062,13 @@ def _server_extras(server: dict[str, Any]) -> list[str]:
     """The tags the server added (``entity:...``), kept when the driver rewrites its own."""
     return [tag for tag in server.get("tags") or []
             if isinstance(tag, str) and not tag.startswith(_OURS)]
+
+
+def _in_period(memory: Memory, filters: RecallFilters) -> bool:
+    """Whether ``memory`` occurred within recall's ``start``..``end`` (checked here too: the
+    server's own filter is on its timestamp, which older records used for created_at)."""
+    return ((filters.start is None or memory["occurred_at"] >= filters.start)
+            and (filters.end is None or memory["occurred_at"] <= filters.end))
 
 
 def _list(value: Any) -> list[Any]:

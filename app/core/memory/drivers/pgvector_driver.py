@@ -74,7 +74,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -116,8 +115,8 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
-from app.core.memory.time_phrases import window_named_by
 from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
+from app.core.memory.time_phrases import window_named_by
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
@@ -330,10 +329,11 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 if not conn.closed:  # a broken connection is discarded by the pool anyway
                     conn.autocommit = False
         by_pk = {row[0]: row for row in rows}
-        memories = []
+        memories: list[Memory] = []
         for pk, score in ranked:
             if pk in by_pk:
-                memory = {**_memory_from_row(by_pk[pk]), "score": round(score, 6)}
+                memory = _memory_from_row(by_pk[pk])
+                memory["score"] = round(score, 6)
                 if when.context:
                     memory["context"] = [_memory_from_row(context_rows[near])
                                          for near in around.get(pk, []) if near in context_rows]

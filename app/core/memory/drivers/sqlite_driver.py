@@ -74,8 +74,8 @@ from app.core.memory.records import (
     user_record,
 )
 from app.core.memory.reembed import ReembedReport, ReembedStart, run_reembed
-from app.core.memory.time_phrases import window_named_by
 from app.core.memory.slowlog import DEFAULT_SLOW_OPERATION_MS, log_if_slow
+from app.core.memory.time_phrases import window_named_by
 from app.core.memory.validation import (
     DEFAULT_NAMESPACE,
     MAX_PAGE_SIZE,
