@@ -17,6 +17,7 @@ from app.core.memory.embeddings import SentenceTransformerEmbedder
 from tests.automem_double import AutomemDouble
 from tests.contract.async_adapter import EventLoopThread, SyncOverAsync
 from tests.contract.contract import MemoryDriverContract
+from tests.contract.recall_time_context import RecallTimeAndContextContract
 from tests.contract.test_automem_contract import ENRICHMENT_WINDOW
 
 
@@ -33,14 +34,14 @@ def adapted(driver: BaseMemoryDriver, loop: EventLoopThread) -> Iterator[SyncOve
     adapter.close()
 
 
-class TestAsyncSqlite(MemoryDriverContract):
+class TestAsyncSqlite(MemoryDriverContract, RecallTimeAndContextContract):
     @pytest.fixture
     def driver(self, sqlite_path: Path, embedder: SentenceTransformerEmbedder,
                event_loop_thread: EventLoopThread) -> Iterator[SyncOverAsync]:
         yield from adapted(SqliteDriver(path=sqlite_path, embedder=embedder), event_loop_thread)
 
 
-class TestAsyncPgvector(MemoryDriverContract):
+class TestAsyncPgvector(MemoryDriverContract, RecallTimeAndContextContract):
     @pytest.fixture
     def driver(self, empty_pg: str, embedder: SentenceTransformerEmbedder,
                event_loop_thread: EventLoopThread) -> Iterator[SyncOverAsync]:
@@ -57,7 +58,7 @@ def automem_service() -> Iterator[tuple[AutomemDouble, str]]:
     double.stop()
 
 
-class TestAsyncAutomem(MemoryDriverContract):
+class TestAsyncAutomem(MemoryDriverContract, RecallTimeAndContextContract):
     ranks_by_meaning = False
 
     @pytest.fixture

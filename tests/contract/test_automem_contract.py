@@ -12,6 +12,7 @@ import pytest
 from app.core.memory.drivers.automem_driver import AutomemDriver
 from tests.automem_double import AutomemDouble
 from tests.contract.contract import MemoryDriverContract
+from tests.contract.recall_time_context import RecallTimeAndContextContract
 
 #: The double enriches 0.05 s after a store; the driver waits this long before writing tags or
 #: metadata of a fresh memory (5x, so a busy test machine delaying the double's job does not
@@ -27,7 +28,7 @@ def automem_service() -> Iterator[tuple[AutomemDouble, str]]:
     double.stop()
 
 
-class TestAutomemDriver(MemoryDriverContract):
+class TestAutomemDriver(MemoryDriverContract, RecallTimeAndContextContract):
     ranks_by_meaning = False
 
     @pytest.fixture

@@ -10,9 +10,10 @@ import pytest
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
 from app.core.memory.embeddings import SentenceTransformerEmbedder
 from tests.contract.contract import MemoryDriverContract
+from tests.contract.recall_time_context import RecallTimeAndContextContract
 
 
-class TestPgvectorDriver(MemoryDriverContract):
+class TestPgvectorDriver(MemoryDriverContract, RecallTimeAndContextContract):
     @pytest.fixture
     def driver(self, empty_pg: str,
                embedder: SentenceTransformerEmbedder) -> Iterator[PgvectorDriver]:

@@ -10,9 +10,10 @@ import pytest
 from app.core.memory.drivers.sqlite_driver import SqliteDriver
 from app.core.memory.embeddings import SentenceTransformerEmbedder
 from tests.contract.contract import MemoryDriverContract
+from tests.contract.recall_time_context import RecallTimeAndContextContract
 
 
-class TestSqliteDriver(MemoryDriverContract):
+class TestSqliteDriver(MemoryDriverContract, RecallTimeAndContextContract):
     @pytest.fixture
     def driver(self, sqlite_path: Path,
                embedder: SentenceTransformerEmbedder) -> Iterator[SqliteDriver]:

@@ -108,13 +108,13 @@ MIN_CANDIDATE_DEPTH = 50
 #: Keyword candidates come only from query terms held by at most this share of the recall's
 #: rows (``KeywordStats.searched``).
 COMMON_TERM_SHARE = 0.1
-#: How much of the remaining way to 1.0 a memory's score is lifted when it occurred in the
-#: window of time the query names.
-TIME_BOOST = 0.3
-#: A neighbour of a hit (next to it in its conversation) scores at least this times the hit.
-CONTEXT_DECAY = 0.0
+#: The weight of the time term (1 when a memory occurred in the window the query names).
+TIME_WEIGHT = 0.1
+#: A neighbour of one of the top k hits (next to it in its conversation) scores at least this
+#: times the hit's score.
+CONTEXT_DECAY = 0.8
 #: How many neighbours on each side of a hit share its score.
-CONTEXT_DISTANCE = 1
+CONTEXT_DISTANCE = 2
 
 
 def candidate_depth(top_k: int) -> int:
@@ -188,20 +188,24 @@ class KeywordStats:
     rows: int
     matches: Mapping[str, int]
 
+    def kept(self) -> list[str]:
+        """The terms that count: those held by at most ``COMMON_TERM_SHARE`` of the rows
+        (terms no row holds included), or every term when each one a row holds is common."""
+        kept = [term for term, n in self.matches.items()
+                if n <= COMMON_TERM_SHARE * self.rows]
+        if any(self.matches[term] > 0 for term in kept):
+            return kept
+        return list(self.matches)
+
     def weights(self) -> dict[str, float]:
-        """Each term's idf, ``ln(1 + (N - n + 0.5) / (n + 0.5))`` (BM25's, never negative)."""
-        return {term: math.log(1 + (self.rows - n + 0.5) / (n + 0.5))
-                for term, n in self.matches.items()}
+        """Each kept term's idf, ``ln(1 + (N - n + 0.5) / (n + 0.5))`` (BM25's, never
+        negative)."""
+        return {term: math.log(1 + (self.rows - self.matches[term] + 0.5)
+                               / (self.matches[term] + 0.5)) for term in self.kept()}
 
     def searched(self) -> list[str]:
-        """The terms whose rows become keyword candidates: those held by at most
-        ``COMMON_TERM_SHARE`` of the rows, or the rarest one if every term is more common. A
-        common term still counts in every candidate's coverage."""
-        present = [term for term, n in self.matches.items() if n > 0]
-        rare = [term for term in present if self.matches[term] <= COMMON_TERM_SHARE * self.rows]
-        if rare or not present:
-            return rare
-        return [min(present, key=lambda term: (self.matches[term], term))]
+        """The terms whose rows become keyword candidates: the kept ones some row holds."""
+        return [term for term in self.kept() if self.matches[term] > 0]
 
 
 def keyword_coverage(terms: frozenset[str] | set[str], weights: Mapping[str, float]) -> float:
@@ -218,25 +222,27 @@ def score_candidates(candidates: Mapping[int, Candidate],
                      weights: FusionWeights = DEFAULT_WEIGHTS, *, use_vector: bool = True,
                      window: TimeWindow | None = None) -> dict[int, float]:
     """Each candidate's score in 0..1: fused (or keyword coverage alone when ``use_vector`` is
-    false; then only keyword matches qualify), lifted by ``TIME_BOOST`` when it occurred in the
-    ``window`` the query names."""
+    false; then only keyword matches qualify), with the time term when the query names a
+    ``window`` (``with_time``)."""
     keyword = {pk: c.keyword for pk, c in candidates.items() if c.keyword > 0}
     if use_vector:
         scores = fuse({pk: c.cosine for pk, c in candidates.items()}, keyword,
                       {pk: c.importance for pk, c in candidates.items()}, weights)
+        total = weights.vector + weights.keyword + weights.importance
     else:
-        scores = keyword
+        scores, total = keyword, 1.0
     if window is not None:
         start, end = window.start.timestamp(), window.end.timestamp()
         for pk, score in scores.items():
-            scores[pk] = time_boosted(score, start <= candidates[pk].occurred_at < end)
+            scores[pk] = with_time(score, start <= candidates[pk].occurred_at < end, total)
     return scores
 
 
-def time_boosted(score: float, in_window: bool) -> float:
-    """``score`` lifted ``TIME_BOOST`` of the way to 1.0 when the memory occurred in the window
-    of time the query names; unchanged otherwise."""
-    return score + TIME_BOOST * (1.0 - score) if in_window else score
+def with_time(score: float, in_window: bool, total: float = 1.0) -> float:
+    """``score`` (a weighted mean over weights summing to ``total``) with the time term added
+    to the mean: ``TIME_WEIGHT`` times 1 when the memory occurred in the window the query
+    names, else 0. Only queries that name a time have the term."""
+    return (score * total + (TIME_WEIGHT if in_window else 0.0)) / (total + TIME_WEIGHT)
 
 
 def spread_to_neighbours(scores: dict[int, float], neighbours: Mapping[int, list[int]],
@@ -253,12 +259,12 @@ def spread_to_neighbours(scores: dict[int, float], neighbours: Mapping[int, list
 
 def order(scores: Mapping[int, float], candidates: Mapping[int, Candidate],
           top_k: int) -> list[tuple[int, float]]:
-    """The ``top_k`` best (pk, score), best first, in a total order: equal scores go to the
-    newest (``recency``), then to the larger ``memory_id``, so the same query on the same data
-    gives the same list on every driver."""
-    def key(item: tuple[int, float]) -> tuple[float, float, str]:
+    """The ``top_k`` best (pk, score), best first, in a total order: equal scores go to what
+    occurred last, then to the newest stored, then to the larger ``memory_id``, so the same
+    query on the same data gives the same list on every driver."""
+    def key(item: tuple[int, float]) -> tuple[float, float, float, str]:
         candidate = candidates[item[0]]
-        return item[1], candidate.recency, candidate.memory_id
+        return item[1], candidate.occurred_at, candidate.recency, candidate.memory_id
 
     return sorted(scores.items(), key=key, reverse=True)[:top_k]
 

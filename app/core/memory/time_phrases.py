@@ -16,8 +16,8 @@ Two steps, so that ordinary words are never taken for dates:
 2. **Reading** each phrase is dateparser's (``DateDataParser``, English, relative to
    ``reference_time``, past dates preferred): it gives the date and its period (day, week,
    month, year), which sets the window: the calendar day, week (Monday to Sunday), month or year
-   that holds the date. "N units ago" is fuzzy in speech, so its window is the unit's length
-   centred on the date. "the week before / after <date>" is the 7 days before or after that day.
+   that holds the date. "N weeks (months, years) ago" is fuzzy in speech, so its window is the
+   unit's length centred on the date. "the week before / after <date>" is the 7 days before or after that day.
 
 Several phrases give the window spanning them all (a question that names two dates is about
 the time between them). Everything here is pure and cheap: a query without any time word costs
@@ -53,7 +53,7 @@ _PHRASE = re.compile(
         rf"{_MONTH},? {_YEAR}",
         rf"{_ORDINAL} (?:of )?{_MONTH}",
         rf"{_MONTH} {_ORDINAL}\b",
-        rf"(?:in|during|of|since|from) {_YEAR}",
+        rf"(?:in|during|of|since|from) {_YEAR}(?![-/]\d)",
         rf"(?P<ago>{_NUMBER} {_UNIT} ago)",
         rf"(?:last|this|next) (?:week|month|year|weekend|{_DAYS})",
         r"yesterday|today|tonight|this morning|this afternoon|this evening|last night",
@@ -107,8 +107,8 @@ def _window_of(phrase: str, match: re.Match[str], reference: datetime) -> TimeWi
     if parsed is None:
         return None
     moment, period = parsed
-    if match.group("ago"):
-        length = {"day": timedelta(days=1), "week": timedelta(days=7),
+    if match.group("ago") and period != "day":
+        length = {"week": timedelta(days=7),
                   "month": timedelta(days=30), "year": timedelta(days=365)}[period]
         return TimeWindow(moment - length / 2, moment + length / 2, (phrase,))
     start, end = _calendar_period(moment, period)

@@ -268,7 +268,7 @@ class AutomemDriver(BaseMemoryDriver):
                 continue
             if terms and not terms & set(ranking.query_terms(memory["content"])):
                 continue
-            memory["score"] = 1.0 if not text else ranking.time_boosted(
+            memory["score"] = 1.0 if not text else ranking.with_time(
                 clip(result.get("final_score", result.get("score"))),
                 window is not None and window.holds(memory["occurred_at"]))
             found.append(memory)

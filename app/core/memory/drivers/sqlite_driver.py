@@ -280,7 +280,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 scores = ranking.score_candidates(candidates, self._weights,
                                                   use_vector=query_vector is not None,
                                                   window=window)
-                if ranking.CONTEXT_DECAY > 0 and scores:
+                if ranking.CONTEXT_DECAY > 0 and scores and query_vector is not None:
                     hits = [pk for pk, _ in ranking.order(scores, candidates, top_k)]
                     around = search.neighbours(conn, hits, ranking.CONTEXT_DISTANCE, now)
                     new = [pk for pks in around.values() for pk in pks if pk not in candidates]
