@@ -17,7 +17,8 @@ Two steps, so that ordinary words are never taken for dates:
    ``reference_time``, past dates preferred): it gives the date and its period (day, week,
    month, year), which sets the window: the calendar day, week (Monday to Sunday), month or year
    that holds the date. "N weeks (months, years) ago" is fuzzy in speech, so its window is the
-   unit's length centred on the date. "the week before / after <date>" is the 7 days before or after that day.
+   unit's length centred on the date. "the week before / after <date>" is the 7 days before
+   or after that day.
 
 Several phrases give the window spanning them all (a question that names two dates is about
 the time between them). Everything here is pure and cheap: a query without any time word costs
