@@ -1,5 +1,5 @@
 """How the pgvector driver picks and scores recall candidates, on a real PostgreSQL: keyword
-coverage for every candidate, and frequent words left out of the keyword search (but scored).
+coverage for every candidate, common words left out, statistics from the user's own rows.
 
 The word-hash test embedder stands in for the model: these tests are about which candidates the
 SQL finds and the scores it gives them, and need vectors whose cosines are known exactly.
@@ -13,14 +13,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from app.core.memory.drivers.pgvector_driver import KEYWORD_MATCH_BUDGET, PgvectorDriver
-from app.core.memory.ranking import (
-    DEFAULT_WEIGHTS,
-    Candidate,
-    FusionWeights,
-    candidate_depth,
-    rank_candidates,
-)
+from app.core.memory.drivers.pgvector_driver import PgvectorDriver
+from app.core.memory.ranking import DEFAULT_WEIGHTS, KeywordStats, candidate_depth
 from tests.word_hash_embedder import WordHashEmbedder
 
 
@@ -34,8 +28,9 @@ def driver(empty_pg: str) -> Iterator[PgvectorDriver]:
 def test_a_vector_candidate_past_the_keyword_cut_off_keeps_its_keyword_coverage(
         driver: PgvectorDriver):
     """More rows hold both query words than the keyword side takes (its depth), so the memory
-    holding one of them is found by its vector alone; it must still score its coverage (0.5).
-    Before, such a candidate scored 0 on keywords and lost to every two-word match."""
+    holding one of them is found by its vector alone; it must still score its coverage of
+    the query. Before, such a candidate scored 0 on keywords and lost to every two-word
+    match."""
     fillers = " ".join(f"w{i}x" for i in range(200))  # two-word matches, far from the query
     depth = candidate_depth(1)
     driver.store_many([{"user_id": "u", "content": f"alpha beta {fillers} n{i}x"}
@@ -46,33 +41,34 @@ def test_a_vector_candidate_past_the_keyword_cut_off_keeps_its_keyword_coverage(
 
     embedder = WordHashEmbedder()
     cosine = float(embedder.embed_query("alpha") @ embedder.embed_query("alpha beta"))
+    rows = depth + 11
+    weights = KeywordStats(rows, {"alpha": rows, "beta": rows - 1}).weights()
+    coverage = weights["alpha"] / (weights["alpha"] + weights["beta"])
     w = DEFAULT_WEIGHTS
-    expected = (w.vector * cosine + w.keyword * 0.5 + w.importance * 0.5) / (
+    expected = (w.vector * cosine + w.keyword * coverage + w.importance * 0.5) / (
         w.vector + w.keyword + w.importance)
     assert [memory["id"] for memory in found] == [near["id"]]
     assert found[0]["score"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_a_frequent_word_brings_no_candidates_of_its_own_but_still_scores(
-        driver: PgvectorDriver, empty_pg: str):
-    """A word in more rows of the scope than the budget is not searched for: a keyword recall
-    for it and a rare word returns the rare word's rows (full coverage), not the hundreds that
-    hold only the frequent one. Asked for the frequent word alone, it is searched after all."""
-    count = KEYWORD_MATCH_BUDGET + 100
+def test_a_common_word_neither_brings_candidates_nor_counts(driver: PgvectorDriver):
+    """A word in more than ``COMMON_TERM_SHARE`` of the user's rows is not searched and not
+    weighed: a keyword recall for it and a rare word returns the rare word's rows (full
+    coverage), not the hundreds that hold only the common one. Asked for the common word
+    alone, it is searched after all, and equal scores come in the total order."""
     common = driver.store_many([{"user_id": "u", "content": f"common n{i}x"}
-                                for i in range(count)])
+                                for i in range(300)])
     rare = driver.store_many([{"user_id": "u", "content": f"common rareword r{i}x"}
                               for i in range(3)])
-    with psycopg.connect(empty_pg, autocommit=True) as connection:
-        connection.execute("ANALYZE memories")  # the statistics that say "common" is frequent
 
     both = driver.recall("u", query="common rareword", use_vector=False, top_k=10)
     assert {memory["id"] for memory in both} == {memory["id"] for memory in rare}
     assert all(memory["score"] == 1.0 for memory in both)
 
     alone = driver.recall("u", query="common", use_vector=False, top_k=10)
-    newest = [memory["id"] for memory in (common + rare)[::-1][:10]]
-    assert [memory["id"] for memory in alone] == newest  # all tie at 1.0: newest first
+    every = sorted(common + rare, key=lambda m: (m["occurred_at"], m["created_at"], m["id"]),
+                   reverse=True)
+    assert [memory["id"] for memory in alone] == [memory["id"] for memory in every[:10]]
 
     hybrid = driver.recall("u", query="common rareword", top_k=3)
     assert {memory["id"] for memory in hybrid} == {memory["id"] for memory in rare}
@@ -91,31 +87,20 @@ def test_recall_sends_no_vector_as_text(driver: PgvectorDriver, empty_pg: str):
     assert found[0]["id"] == stored["id"]
 
 
-def test_the_recall_statement_ranks_as_ranking_py(driver: PgvectorDriver, empty_pg: str):
-    """The statement fuses and orders in SQL; its top k and scores must be those that
-    ``ranking.rank_candidates`` gives for the same candidates (both weightings, and keyword
-    only), so that SQLite and PostgreSQL rank alike."""
-    words = ["garden", "tomato", "bike", "chain", "piano", "lesson", "budget", "report"]
-    for i in range(60):  # one by one: distinct times, so that equal scores order alike
-        driver.store("u", f"{words[i % 8]} {words[(i * 3) % 8]} n{i}x", importance=(i % 5) / 4)
-    queries = ["garden tomato", "bike chain lesson", "piano", "quarterly budget report"]
-    for weights in (DEFAULT_WEIGHTS, FusionWeights(vector=1.0, keyword=0.2, importance=0.3)):
-        ranked_driver = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder(),
-                                       weights=weights, pool_max_size=1)
-        for query in queries:
-            for use_vector in (True, False):
-                vector = WordHashEmbedder().embed_query(query) if use_vector else None
-                sql, values, _ = ranked_driver.explain_recall("u", query, vector, 5)
-                with psycopg.connect(empty_pg) as connection:
-                    rows = connection.execute(sql, values).fetchall()
-                candidates = {row[0]: Candidate(*row) for row in rows}
-                expected = rank_candidates(candidates, 5, weights, use_vector=use_vector)
-                with psycopg.connect(empty_pg) as connection:
-                    ids = dict(connection.execute("SELECT pk, id FROM memories").fetchall())
-                found = ranked_driver.recall("u", query=query, top_k=5, use_vector=use_vector)
-                assert [(m["id"], m["score"]) for m in found] == [
-                    (ids[pk], round(score, 6)) for pk, score in expected], (query, use_vector)
-        ranked_driver.close()
+def test_the_statistics_are_the_users_own_visible_rows(driver: PgvectorDriver,
+                                                       empty_pg: str):
+    """The candidate statement counts the scope's rows and each term's rows in it: another
+    user's rows, and the user's deleted ones, never count."""
+    driver.store_many([{"user_id": "u", "content": f"garden tomato n{i}x"} for i in range(7)]
+                      + [{"user_id": "u", "content": f"garden n{i}y"} for i in range(5)])
+    driver.store_many([{"user_id": "other", "content": "garden tomato piano"}
+                       for _ in range(50)])
+    gone = driver.store("u", "tomato piano")
+    driver.delete(gone["id"], "u")
+    sql, values = driver.explain_recall("u", "garden tomato piano", None, 5)
+    with psycopg.connect(empty_pg) as connection:
+        rows = connection.execute(sql, values).fetchall()
+    assert rows and {(row[7], tuple(row[8])) for row in rows} == {(12.0, (12.0, 7.0, 0.0))}
 
 
 @pytest.mark.parametrize("with_query", [True, False], ids=["ranked", "newest-first"])

@@ -1,48 +1,55 @@
-"""How recall ranks: fusion of vector and keyword candidates, plus an importance term.
+"""How recall ranks: vector and keyword candidates, fused, with a time term and the neighbours
+of strong hits; the same formula, computed here, on every driver that ranks on its side.
 
-Every driver that ranks on its own side (sqlite, pgvector) calls ``fuse`` so that the same query
-ranks the same way whatever the backend. The inputs, per candidate:
+Candidates: the union of the ``candidate_depth(top_k)`` memories most similar to the query's
+vector and the ``candidate_depth(top_k)`` with the best keyword coverage; every candidate gets
+both scores, so a memory found by one side alone is not punished for the other's cut-off.
 
-- ``vector``: cosine similarity of the query and memory vectors, clipped to 0..1 (for normalised
-  MiniLM vectors unrelated texts sit near 0.0-0.2, paraphrases above 0.6).
-- ``keyword``: the backend's keyword relevance as a coverage of the query in 0..1. bm25 has no
-  fixed scale (it grows with query length and term rarity), so the SQLite driver divides a match's
-  bm25 by the bm25 of an ideal match (every query term once, at average length: the sum of the
-  terms' idf). Dividing by the best match of the same query instead was tried and rejected: a
-  memory sharing one common word with the query ("work") got full keyword credit and beat a
-  memory that answers the query in other words.
-- ``importance``: the memory's importance in 0..1 (0.5 unless the agent said otherwise).
+Per candidate, all in 0..1:
 
-The fused score is the weighted mean ``(wv*vector + wk*keyword + wi*importance) / (wv+wk+wi)``,
-so it stays in 0..1, higher is better. Candidates come from both sides (the union of the best
-vector and the best keyword matches, ``candidate_depth`` of each) and every candidate gets both
-scores where the backend can compute them, so a memory that is found by one side alone is not
-punished for the other side's cut-off.
+- ``vector``: cosine similarity of the query and memory vectors, clipped to 0..1.
+- ``keyword``: the share of the query's weight the memory holds (``keyword_coverage``): the
+  sum of the idf of the query terms it contains (presence, not counts), over the sum of the idf
+  of all the query's terms. ``idf = ln(1 + (N - n + 0.5) / (n + 0.5))`` (BM25's), where N is
+  the number of memories in the recall's scope and n how many of them hold the term
+  (``KeywordStats``). Statistics come from *that user's memories in scope*, never the table:
+  another user's data must not move a user's ranking (nor reveal what others store). Terms held
+  by more than ``COMMON_TERM_SHARE`` (10%) of the scope are left out of both sums (too common to
+  say what the query is about), unless every term a memory holds is that common. Query terms
+  are the query's words minus a short stop-word list (``query_terms``), stemmed by the backend.
+- ``importance``: the memory's importance (0.5 unless the agent said otherwise).
 
-Defaults (``DEFAULT_WEIGHTS``): vector 0.5, keyword 0.5, importance 0.05. Dense similarity
-carries paraphrase ("ui preferences" ~ "prefers dark mode"); the keyword term lifts exact names,
-numbers and rare words that MiniLM blurs; importance only separates near-ties.
+The score is the weighted mean ``(0.5*vector + 0.5*keyword + 0.05*importance [+ 0.1*time]) /
+(1.05 [+ 0.1])``. The time term exists only when the query names a time ("in May 2023", "last
+Friday": ``time_phrases.py``): it is 1 for a memory whose ``occurred_at`` lies in that window,
+else 0, so such a query lifts what happened then without hiding the rest.
 
-Query words on a short English stop-word list are not matched unless the query has no other
-words. Ties are broken by the newest memory first (``rank``). ``use_vector=False`` ranks by the
-keyword coverage alone.
+Neighbours: a memory next to one of the top k hits in its conversation (within
+``CONTEXT_DISTANCE`` = 2 places, ordered by ``occurred_at`` then storage order; visible and in
+scope) scores at least ``CONTEXT_DECAY`` (0.8) times that hit's score: in a conversation the
+answer is often the turn after the question that matched. Spread from the hits' own scores
+only (no chains). Keyword-only recall (``use_vector=False``) scores the coverage alone (with
+the time term) and returns keyword matches only, so it spreads nothing.
 
-How these were chosen (``python -m bench.retrieval --sweep``: LoCoMo, 760 questions of categories
-1-4, SQLite driver, recall@10 / MRR; BM25 baseline 0.526 / 0.375, dense-only 0.508 / 0.328):
+Order: score, then what occurred last, then the newest stored, then the larger id: a total
+order, so the same query on the same data gives the same list.
 
-- Keyword normalisation: coverage (above) beat dividing by the query's best match, which gave a
-  memory sharing one common word full keyword credit.
-- Weights (vector/keyword, importance 0.05): 0.9/0.1 0.566 / 0.391, 0.8/0.2 0.624 / 0.443,
-  0.7/0.3 0.650 / 0.471, 0.6/0.4 0.661 / 0.482, **0.5/0.5 0.664 / 0.485**, 0.4/0.6 0.660 /
-  0.492, 0.3/0.7 0.654 / 0.492. Recall@10 peaks at 0.5/0.5; MRR is flat from there on, so the
-  balanced weighting was kept. Importance 0.0 or 0.15 (at 0.7/0.3) changed nothing here (every
-  memory of the data set has the default importance), so it stays a tie-breaker.
-- Common words: SQLite leaves out query words found in more than ``COMMON_TERM_SHARE`` (10%) of
-  the rows. At 50% hybrid recall@10 was 0.658, at 10% 0.664, at 3% 0.661 with keyword-only
-  recall dropping to 0.580 / 0.428 (from 0.610 / 0.471 at 50%, 0.601 / 0.458 at 10%). At 10%
-  the keyword side also stops scoring every row that shares a frequent word, which is most of a
-  keyword search's cost on a large user.
-- Candidate depth ``max(50, 4 * top_k)`` per side was kept as it was, not tuned.
+How this was chosen (``bench/ranking_lab.py``, an offline copy of this formula over LoCoMo's
+dev data, 760 questions of categories 1-4, recall@10 / MRR; the drivers measured with
+``python -m bench.retrieval``; BM25 0.526 / 0.375):
+
+- The previous formula (bm25 over an ideal match with table-wide statistics on SQLite, the
+  unweighted share of query words on PostgreSQL): 0.649 / 0.486. Per-user statistics alone:
+  0.674 / 0.497; idf-weighted coverage (this one): 0.680 / 0.530; without the common-word cut
+  0.678 / 0.528; the unweighted share with per-user statistics 0.655 / 0.514.
+- Time term weight 0.1: 0.706 / 0.545 (questions that name a date: recall@10 0.638 -> 0.842).
+  Additions of 0.05-0.2 or factors of 1.1-1.5 all landed at 0.70-0.71; 0.15 lost on
+  open-domain questions. Writing the date into the stored text instead gave 0.689-0.695.
+- Neighbours at 0.8 within 2: 0.745 / 0.547 alone; decay 0.7-0.9 all help, 0.5 does little,
+  0.95 hurts; distance 2 beat 1 and 3; a decay per step (0.8^d) gave 0.724. Multi-hop
+  questions lose a little (0.459 -> 0.444), the others gain.
+- All together (the default): 0.772 / 0.563, date-naming questions 0.871; keyword-only
+  0.711 / 0.529. Weights 0.4/0.6 and 0.6/0.4 (vector/keyword) were no better than 0.5/0.5.
 - What is indexed: the content only, stemmed (porter for SQLite, the english configuration for
   PostgreSQL); tags and metadata are filters, not text, so a tag word cannot outrank content.
 """

@@ -19,16 +19,17 @@ How it works:
 
 Recall, and why it is built this way (profiled with ``python -m bench.pgvector_recall
 --explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
-- One statement, one round trip, on the pooled connection switched to autocommit for it (no
-  BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the search):
-  the candidates with their importance, recency, cosine and keyword coverage; their fused score,
-  ``ranking.fuse``'s formula term for term in float8 (``_ranked_and_touched``; a test holds it
-  equal to ``ranking.rank_candidates``); the top k; and the ``UPDATE ... RETURNING`` that counts
-  their access and returns their rows. The old recall took five to seven round trips and
-  converted every candidate's full row. The statement's text is constant per filter combination,
-  so psycopg prepares it after a few calls and PostgreSQL stops re-planning it (0.6-9 ms).
-  Knowledge recall (no access write, not on the hot path) runs the candidate statement with
-  ``_SETTINGS`` in a pipeline, ranks in Python, then fetches the chosen chunks.
+- Two statements, each its own transaction on the pooled connection switched to autocommit
+  (no BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the
+  search). The first (``_candidate_query``) counts the scope's rows and each query term's rows
+  in it (the statistics of ``ranking.KeywordStats``: the user's own rows only, so other users'
+  data never moves a ranking), picks the keyword and vector candidates and returns each with
+  its importance, times, cosine and the query terms it holds. Ranking then runs in Python,
+  ``ranking.py``'s code, the very code the SQLite driver runs (same scores on both drivers, by
+  construction; the neighbours of the top hits are read by one more statement when they
+  spread). The second statement counts the access of the chosen rows and returns them. The
+  statements' text is constant per filter combination, so psycopg prepares them after a few
+  calls and PostgreSQL stops re-planning them (0.6-9 ms).
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
   and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
@@ -42,25 +43,19 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   migration made denser (m 32, ef_construction 128): at ef_search 50 its top 10 is the exact
   top 10 for 98% of the benchmark's queries on 100k memories, against 87% with pgvector's
   defaults (16, 64), which no ef_search up to 160 brought above 92%.
-- Keyword candidates: rows holding a *searched* query word, best keyword coverage first (the
-  score the fusion uses; ts_rank_cd, which it replaced, cost ~10 us a row and ranked by
-  something else), ties to the newest. A word is searched while the rows it is estimated to
-  match in the scope (its share of the table's rows, from ``pg_stats``' most common elements of
-  ``content_tsv``, cached per driver for a minute, times the scope's size) stay within
-  ``KEYWORD_MATCH_BUDGET`` (200); if no word is, the rarest one is. A frequent word still counts
-  in every candidate's coverage: it just does not pull in candidates of its own. Reading the
-  pages of every row that holds a word in 5% of 100k memories took 10-40 ms, when the whole
-  recall's budget is a few. Which words are frequent follows the planner's statistics, so it
-  can change after an ``ANALYZE``, and only on tables large enough for a word to pass the budget
-  (below 30,000 rows ``ANALYZE`` reads every row, and its statistics are exact).
+- Keyword candidates: rows holding a searched query term (``KeywordStats.searched``: not
+  held by more than 10% of the scope), best idf-weighted coverage first, ties to the larger
+  pk. Each term's count in the scope is one GIN lookup rechecked against the scope; a common
+  word is counted but its rows are not read as candidates. (The planner's table-wide
+  statistics, used before to skip frequent words, made the ranking depend on other users'
+  data and change after an ``ANALYZE``.)
 - The access-count write stays a HOT update (no index touched) because the 2026_11_29 migration
   leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at fillfactor 85 half of
   these updates found no room on their page and inserted into every index, HNSW included (at
   10k memories the recall statement took ~34 ms with the write against ~14 ms without it on
   the loaded machine; with fillfactor 50, 99% of the updates were HOT and the write ~2 ms).
-- Keyword coverage is computed for every candidate, vector ones included (ranking.py's rule),
-  as ``length(tsv) - length(ts_delete(tsv, query words))``, instead of unnesting each row's
-  lexemes.
+- The terms a candidate holds are read for every candidate, vector ones included
+  (ranking.py's rule), as ``content_tsv @@ term`` per query term.
 """
 
 from __future__ import annotations
