@@ -963,8 +963,8 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             if existing is not None:
                 conn.execute(
                     "UPDATE memories SET conversation_id = ?, content = ?, tags = ?, "
-                    "metadata = ?, importance = ?, expires_at = ?, occurred_at = ?, updated_at = ?, "
-                    "embedding = ?, deleted_at = NULL WHERE pk = ?",
+                    "metadata = ?, importance = ?, expires_at = ?, occurred_at = ?, "
+                    "updated_at = ?, embedding = ?, deleted_at = NULL WHERE pk = ?",
                     (*values, existing["pk"]),
                 )
                 return int(existing["pk"])
