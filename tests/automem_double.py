@@ -6,7 +6,9 @@ status equals the body's ``code``, 201 on store, the 2,000-character content lim
 (1-500, no t_valid/t_invalid), 400 for ids that are not UUIDs, PATCH replacing metadata and not
 bumping ``updated_at`` unless sent, by-tag listing (exact, case-insensitive, ANY), recall with
 repeated ``tags`` (a comma list is one tag), ``tag_mode``, ``tag_match`` (prefix by default),
-``exclude_tags`` (repeated or comma-separated), ``state_mode=current``, ``sort``, ``limit``
+``exclude_tags`` (repeated or comma-separated), ``state_mode`` (``current``, the default, hides
+memories whose ``timestamp`` or ``t_valid`` lies in the future or whose ``t_invalid`` passed;
+``history`` shows them), ``sort``, ``limit``
 (default 5, at most 100), results whose id is only at ``result["id"]`` for vector-store hits,
 ``+00:00`` timestamps, server-appended ``entity:`` tags and metadata keys, and ``/health`` that
 always answers 200. Ranking is by keyword overlap then importance, as the real server ranks with
@@ -461,8 +463,10 @@ class AutomemDouble:
             return (not self.embedding_model or not words or memory["vector_text"] is not None
                     or keyword(memory) > 0)
 
-        chosen = [m for m in self.memories.values() if current(m) and findable(m) and
-                  (in_scope(m) or self.leak_other_scopes)]
+        # state_mode=current (the default) hides what is not valid now; history shows all.
+        history = (query.get("state_mode") or ["current"])[0] == "history"
+        chosen = [m for m in self.memories.values() if (history or current(m)) and findable(m)
+                  and (in_scope(m) or self.leak_other_scopes)]
 
         def score(memory: dict[str, Any]) -> float:
             if self.embedding_model:

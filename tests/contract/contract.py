@@ -11,7 +11,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -261,6 +261,97 @@ class MemoryDriverContract:
         assert with_expiry is not None and with_expiry["expires_at"] is not None
         cleared = driver.update(memory["id"], "alice", clear_expiry=True)
         assert cleared is not None and cleared["expires_at"] is None
+
+    # -- occurred_at ----------------------------------------------------------------------------
+
+    def test_occurred_at_defaults_to_the_time_of_the_store(self, driver: BaseMemoryDriver) -> None:
+        memory = driver.store("alice", "Stored without a time")
+        assert memory["occurred_at"] == memory["created_at"]
+        assert driver.get(memory["id"]) == memory
+        batch = driver.store_many([{"user_id": "alice", "content": f"batch fact {i}"}
+                                   for i in range(3)])
+        for stored in batch:
+            assert stored["occurred_at"] == stored["created_at"]
+            assert stored["occurred_at"].tzinfo is not None
+
+    def test_occurred_at_round_trips_through_every_read(self, driver: BaseMemoryDriver) -> None:
+        lisbon_summer = timezone(timedelta(hours=1))
+        said = datetime(2023, 5, 7, 15, 30, 5, 250_000, tzinfo=lisbon_summer)
+        planned = datetime(2031, 3, 1, 9, 0, tzinfo=UTC)  # a planned event: in the future
+        memory = driver.store("alice", "Adopted a cat named Miso", "c1", occurred_at=said)
+        trip = driver.store("alice", "Trip to Kyoto is booked", "c1", occurred_at=planned)
+        assert memory["occurred_at"] == said and memory["occurred_at"].utcoffset() == timedelta(0)
+        assert memory["created_at"] != said
+        assert trip["occurred_at"] == planned
+        assert driver.get(memory["id"], "alice")["occurred_at"] == said  # type: ignore[index]
+        listed = {m["id"]: m["occurred_at"] for m in driver.list_memories("alice")["items"]}
+        assert listed == {memory["id"]: said, trip["id"]: planned}
+        # A future occurred_at hides nothing: recall finds it with and without a query.
+        assert {m["id"]: m["occurred_at"] for m in driver.recall("alice")} == listed
+        found = driver.recall("alice", query="trip to Kyoto booked", use_vector=False)
+        assert [(m["id"], m["occurred_at"]) for m in found] == [(trip["id"], planned)]
+        found = driver.recall("alice", query="cat named Miso")
+        assert found[0]["id"] == memory["id"] and found[0]["occurred_at"] == said
+
+    def test_store_many_takes_occurred_at_per_item(self, driver: BaseMemoryDriver) -> None:
+        first = datetime(2022, 1, 1, 8, 0, tzinfo=UTC)
+        stored = driver.store_many([
+            {"user_id": "alice", "content": "new year breakfast", "occurred_at": first},
+            {"user_id": "alice", "content": "no time given"},
+        ])
+        assert stored[0]["occurred_at"] == first
+        assert stored[1]["occurred_at"] == stored[1]["created_at"]
+        assert driver.get(stored[0]["id"])["occurred_at"] == first  # type: ignore[index]
+
+    def test_update_sets_occurred_at_and_content_alone_keeps_it(
+        self, driver: BaseMemoryDriver
+    ) -> None:
+        memory = driver.store("alice", "Ran a marathon")
+        when = datetime(2019, 10, 13, 9, 0, tzinfo=UTC)
+        updated = driver.update(memory["id"], "alice", occurred_at=when)
+        assert updated is not None and updated["occurred_at"] == when
+        assert updated["created_at"] == memory["created_at"]
+        assert updated["updated_at"] >= memory["updated_at"]
+        again = driver.update(memory["id"], "alice", content="Ran the Berlin marathon")
+        assert again is not None and again["occurred_at"] == when
+        assert driver.get(memory["id"])["occurred_at"] == when  # type: ignore[index]
+
+    def test_upsert_by_key_sets_occurred_at_to_its_own_time_unless_given(
+        self, driver: BaseMemoryDriver
+    ) -> None:
+        old = datetime(2020, 2, 2, tzinfo=UTC)
+        first = driver.store("alice", "Lives in Porto", key="home", occurred_at=old)
+        assert first["occurred_at"] == old
+        moved = driver.store("alice", "Lives in Lisbon", key="home")
+        assert moved["id"] == first["id"] and moved["created_at"] == first["created_at"]
+        assert moved["occurred_at"] > first["created_at"]  # the new content is a new fact
+        assert abs((moved["occurred_at"] - moved["updated_at"]).total_seconds()) < 1
+        when = datetime(2024, 6, 1, tzinfo=UTC)
+        dated = driver.store("alice", "Lives in Faro", key="home", occurred_at=when)
+        assert dated["occurred_at"] == when
+        assert driver.get(first["id"])["occurred_at"] == when  # type: ignore[index]
+
+    @pytest.mark.parametrize("value", [
+        datetime(2023, 5, 7, 12, 0),  # naive: ambiguous
+        "2023-05-07T12:00:00+00:00",  # a string, not a datetime
+        datetime(1, 1, 1, 23, 0, tzinfo=UTC),  # before 0001-01-02
+        datetime(1, 1, 2, 3, 0, tzinfo=timezone(timedelta(hours=5))),  # 0001-01-01 in UTC
+        datetime(9999, 12, 31, 0, 0, tzinfo=UTC),  # after 9999-12-30
+    ])
+    def test_bad_occurred_at_is_refused_by_name_and_writes_nothing(
+        self, driver: BaseMemoryDriver, value: Any
+    ) -> None:
+        rule = "timezone-aware datetime from 0001-01-02 to 9999-12-30"
+        with pytest.raises(InvalidInputError, match=f"^occurred_at must be a {rule}"):
+            driver.store("alice", "x", occurred_at=value)
+        with pytest.raises(InvalidInputError, match=rf"^items\[1\]: occurred_at .*{rule}"):
+            driver.store_many([{"user_id": "alice", "content": "fine"},
+                               {"user_id": "alice", "content": "x", "occurred_at": value}])
+        assert driver.stats()["memories"] == {"visible": 0, "deleted": 0, "expired": 0}
+        memory = driver.store("alice", "kept as it was")
+        with pytest.raises(InvalidInputError, match=f"^occurred_at must be a {rule}"):
+            driver.update(memory["id"], "alice", content="changed", occurred_at=value)
+        assert driver.get(memory["id"]) == memory
 
     # -- delete, restore, TTL, purge ------------------------------------------------------------
 

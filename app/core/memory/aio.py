@@ -188,15 +188,16 @@ class AsyncMemoryDriver:
         importance: float = 0.5,
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
+        occurred_at: datetime | None = None,
     ) -> Memory:
         """``BaseMemoryDriver.store`` off the loop."""
         prepare_store(user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
                       namespace=namespace, key=key, importance=importance, ttl=ttl,
-                      expires_at=expires_at, now=datetime.now(UTC))
+                      expires_at=expires_at, occurred_at=occurred_at, now=datetime.now(UTC))
         return await self._run(
             self.driver.store, user_id, content, conversation_id, tags, metadata,
             agent_id=agent_id, namespace=namespace, key=key, importance=importance, ttl=ttl,
-            expires_at=expires_at,
+            expires_at=expires_at, occurred_at=occurred_at,
         )
 
     async def store_global_knowledge(
@@ -242,12 +243,13 @@ class AsyncMemoryDriver:
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
         clear_expiry: bool = False,
+        occurred_at: datetime | None = None,
     ) -> Memory | None:
         """``BaseMemoryDriver.update`` off the loop."""
         return await self._run(
             self.driver.update, memory_id, user_id, content=content, tags=tags,
             metadata=metadata, importance=importance, ttl=ttl, expires_at=expires_at,
-            clear_expiry=clear_expiry,
+            clear_expiry=clear_expiry, occurred_at=occurred_at,
         )
 
     async def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:

@@ -10,7 +10,10 @@ Shared semantics (each verb's docstring adds its own):
 - **Visibility.** Soft-deleted memories (``delete``) and expired ones (``ttl``/``expires_at`` in
   the past) are invisible to every read unless a verb says otherwise (``get(include_deleted=True)``,
   ``list_memories(include_deleted=True)`` show soft-deleted ones, never expired ones).
-- **Records** are plain dicts (see ``records.py``); datetimes are timezone-aware UTC.
+- **Records** are plain dicts (see ``records.py``); datetimes are timezone-aware UTC. Every
+  memory has ``created_at`` (when it was stored), ``updated_at`` and ``occurred_at``: when the
+  remembered thing was said or happened, the time of the store unless the caller gives it
+  (``store``, ``store_many``, ``update``, import); it may lie in the future (a planned event).
 - **Bad input** raises ``InvalidInputError`` naming the argument and the rule, before anything is
   written (``validation.py``). Backend failures raise ``BackendUnavailableError``; a database
   without the schema raises ``SchemaNotMigratedError``; a driver that cannot do something raises
@@ -126,13 +129,19 @@ class BaseMemoryDriver(ABC):
         importance: float = 0.5,
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
+        occurred_at: datetime | None = None,
     ) -> Memory:
         """Store one memory and return it as stored (with its new ``id``).
 
         With ``key``: an upsert. If (user_id, agent_id, namespace, key) already names a memory
         (visible, soft-deleted or expired), that memory is replaced in place: same ``id`` and
-        ``created_at``, new content, tags, metadata, importance and expiry, undeleted.
+        ``created_at``, new content, tags, metadata, importance, expiry and ``occurred_at``,
+        undeleted.
         ``ttl`` (seconds or timedelta) and ``expires_at`` (aware datetime) are exclusive.
+        ``occurred_at`` (aware datetime, ``validation.OCCURRED_AT_RULE``) is when the content was
+        said or happened; it defaults to the time of this store, so ``created_at`` for a new
+        memory, and for an upsert the time of the upsert (the new content is a new fact), not
+        the replaced memory's.
         """
 
     @abstractmethod
@@ -193,11 +202,14 @@ class BaseMemoryDriver(ABC):
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
         clear_expiry: bool = False,
+        occurred_at: datetime | None = None,
     ) -> Memory | None:
         """Change a visible memory in place and return it; ``None`` if there is none.
 
         Only the given fields change; ``tags`` and ``metadata`` are replaced whole; new content is
-        embedded again. ``clear_expiry=True`` removes the expiry. ``updated_at`` moves to now.
+        embedded again. ``clear_expiry=True`` removes the expiry. ``occurred_at`` sets when the
+        content was said or happened (new content alone leaves it as it was). ``updated_at``
+        moves to now.
         """
 
     @abstractmethod
@@ -206,7 +218,8 @@ class BaseMemoryDriver(ABC):
 
         Every item is checked before anything is written, embeddings are computed in batches, and
         a failure leaves none of the batch behind. Returns the stored memories in input order;
-        items with a ``key`` upsert as in ``store`` (the last of equal keys wins).
+        items with a ``key`` upsert as in ``store`` (the last of equal keys wins). An item
+        without ``occurred_at`` gets the time of the call.
         """
 
     @abstractmethod

@@ -15,7 +15,8 @@ A dump is what ``export`` writes and ``import`` reads (``transfer.py``)::
 
 The first line is the header; ``end`` is the last line, so a file cut short is recognised.
 Memories come in every state (soft-deleted and expired ones too) with their ids, timestamps and
-access counts. Knowledge documents carry their chunks as stored (the full text is not kept, so
+access counts. ``occurred_at`` came with issue 17: a memory line without it (an older dump) is
+read with its ``created_at``, which is what the migration gave the memories stored before. Knowledge documents carry their chunks as stored (the full text is not kept, so
 chunks are not split again). Datetimes are ISO 8601 in UTC. ``embedding`` (present only when the
 header's ``with_embeddings`` is true) is the base64 of the little-endian float32 vector: exact and
 a third of the size of decimal numbers. A reader of version ``VERSION`` ignores keys it does not
@@ -47,6 +48,8 @@ from app.core.memory.records import Memory
 from app.core.memory.validation import (
     MAX_PROFILE_BYTES,
     MAX_TITLE_CHARS,
+    OCCURRED_AT_END,
+    OCCURRED_AT_MIN,
     check_content,
     check_display_name,
     check_id,
@@ -200,8 +203,22 @@ def _parse_memory(value: Mapping[str, Any], dimension: int | None) -> PortableMe
         "deleted_at": _time(value, "deleted_at", "memory", optional=True),
         "created_at": _time(value, "created_at", "memory"),
         "updated_at": _time(value, "updated_at", "memory"),
+        "occurred_at": _occurred_at(value),
         "embedding": _vector(value.get("embedding"), dimension, "memory.embedding"),
     }
+
+
+def _occurred_at(value: Mapping[str, Any]) -> datetime:
+    """``occurred_at`` in ``validation.check_occurred_at``'s range; ``created_at`` if absent."""
+    if "occurred_at" not in value:
+        return _time(value, "created_at", "memory")  # type: ignore[no-any-return]
+    text = value["occurred_at"]
+    moment = _time(value, "occurred_at", "memory")
+    if not OCCURRED_AT_MIN <= moment < OCCURRED_AT_END:
+        raise InvalidInputError(
+            "memory.occurred_at must be an ISO 8601 time with a UTC offset, from 0001-01-02 to "
+            f"9999-12-30 in UTC (got {text!r})")
+    return moment  # type: ignore[no-any-return]
 
 
 def _parse_document(value: Mapping[str, Any], dimension: int | None) -> PortableDocument:

@@ -29,6 +29,8 @@ class Memory(TypedDict):
     deleted_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    #: When the remembered thing was said or happened (``store``'s time unless given).
+    occurred_at: datetime
     score: NotRequired[float]
     #: On ``recall(context=N)`` results only: the neighbours in its conversation, in order.
     context: NotRequired[list[Memory]]
@@ -48,6 +50,7 @@ class MemoryInput(TypedDict, total=False):
     importance: float
     ttl: Any
     expires_at: datetime | None
+    occurred_at: datetime | None
 
 
 class MemoryPage(TypedDict):

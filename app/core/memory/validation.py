@@ -37,6 +37,13 @@ MAX_PAGE_SIZE = 1_000
 MAX_BATCH = 10_000
 MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
 DEFAULT_NAMESPACE = "default"
+#: The range of ``occurred_at`` (UTC; the end is exclusive): Python's years 1..9999, a day in
+#: from each end, so that the time stays representable in every UTC offset (PostgreSQL hands
+#: times back in the session's zone; clients show them in theirs).
+OCCURRED_AT_MIN = datetime(1, 1, 2, tzinfo=UTC)
+OCCURRED_AT_END = datetime(9999, 12, 31, tzinfo=UTC)
+OCCURRED_AT_RULE = ("a timezone-aware datetime from 0001-01-02 to 9999-12-30 (UTC), "
+                    "e.g. datetime(2023, 5, 7, tzinfo=timezone.utc)")
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -225,6 +232,21 @@ def check_aware_datetime(value: Any, name: str) -> datetime:
     return value.astimezone(UTC)
 
 
+def check_occurred_at(value: Any, name: str = "occurred_at") -> datetime:
+    """When a memory's content was said or happened: an aware datetime within
+    ``OCCURRED_AT_MIN`` .. ``OCCURRED_AT_END`` (exclusive), returned in UTC. The future is allowed
+    (a planned event); a naive datetime is refused as ambiguous."""
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise _fail(name, OCCURRED_AT_RULE, value)
+    try:
+        moment = value.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 with an offset that leaves Python's range
+        raise _fail(name, OCCURRED_AT_RULE, value) from None
+    if not OCCURRED_AT_MIN <= moment < OCCURRED_AT_END:
+        raise _fail(name, OCCURRED_AT_RULE, value)
+    return moment
+
+
 def check_expiry(ttl: Any, expires_at: Any, now: datetime) -> datetime | None:
     """Turn ``ttl`` (seconds or timedelta, > 0) or ``expires_at`` into an absolute UTC expiry.
 
@@ -280,6 +302,9 @@ class MemoryDraft:
     key: str | None
     importance: float
     expires_at: datetime | None
+    #: When the content was said or happened; ``None``: the time of the store (the driver
+    #: writes the time it gives ``created_at``, or the upsert's time).
+    occurred_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -317,12 +342,14 @@ class MemoryChanges:
     importance: float | None = None
     expires_at: datetime | None = None
     clear_expiry: bool = False
+    occurred_at: datetime | None = None
 
     @property
     def is_empty(self) -> bool:
         return (
             self.content is None and self.tags is None and self.metadata is None
             and self.importance is None and self.expires_at is None and not self.clear_expiry
+            and self.occurred_at is None
         )
 
 
@@ -354,7 +381,7 @@ def prepare_store(
     user_id: Any, content: Any, conversation_id: Any = None, tags: Any = None,
     metadata: Any = None, *, agent_id: Any = None, namespace: Any = DEFAULT_NAMESPACE,
     key: Any = None, importance: Any = 0.5, ttl: Any = None, expires_at: Any = None,
-    now: datetime,
+    occurred_at: Any = None, now: datetime,
 ) -> MemoryDraft:
     """Check every argument of ``store`` and return them in normal form."""
     return MemoryDraft(
@@ -368,12 +395,13 @@ def prepare_store(
         key=check_optional_id(key, "key"),
         importance=check_importance(importance),
         expires_at=check_expiry(ttl, expires_at, now),
+        occurred_at=None if occurred_at is None else check_occurred_at(occurred_at),
     )
 
 
 _STORE_FIELDS = frozenset(
     {"user_id", "content", "conversation_id", "tags", "metadata", "agent_id", "namespace", "key",
-     "importance", "ttl", "expires_at"}
+     "importance", "ttl", "expires_at", "occurred_at"}
 )
 
 
@@ -425,7 +453,8 @@ def prepare_filters(
 
 def prepare_changes(
     *, content: Any = None, tags: Any = None, metadata: Any = None, importance: Any = None,
-    ttl: Any = None, expires_at: Any = None, clear_expiry: Any = False, now: datetime,
+    ttl: Any = None, expires_at: Any = None, clear_expiry: Any = False, occurred_at: Any = None,
+    now: datetime,
 ) -> MemoryChanges:
     """Check the arguments of ``update``."""
     clear = check_bool(clear_expiry, "clear_expiry")
@@ -439,6 +468,7 @@ def prepare_changes(
         importance=check_optional_importance(importance, "importance"),
         expires_at=expiry,
         clear_expiry=clear,
+        occurred_at=None if occurred_at is None else check_occurred_at(occurred_at),
     )
 
 

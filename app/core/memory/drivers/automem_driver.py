@@ -15,9 +15,15 @@ any change made in between. So:
   created time) and its first tags and metadata are written by the store itself, which the
   snapshot then contains.
 - State that changes later lives where enrichment never writes: soft deletion in ``t_valid`` (a
-  date after year 9000 that encodes the deletion time; the server's ``state_mode=current`` hides
-  it from every recall at once), expiry in ``t_invalid``, content and importance in their fields.
-  ``delete``, ``restore`` and expiry therefore hold from the moment they return.
+  date after year 9000 that encodes the deletion time), expiry in ``t_invalid``, content,
+  importance and ``occurred_at`` (the server's ``timestamp``) in their fields. ``delete``,
+  ``restore`` and expiry therefore hold from the moment they return.
+- Time: ``occurred_at`` is the server's ``timestamp``; the store time (``created_at``) is in the
+  metadata (``automem_mapping``). The server's default ``state_mode=current`` hides a memory
+  whose ``timestamp`` lies in the future, which a planned event's ``occurred_at`` does, so recall
+  asks for ``state_mode=history`` and drops deleted and expired memories here, as it checks
+  every other filter; a page the server filled with such memories is completed from the
+  listing like any page the checks shortened.
 - Changes that must go into ``tags`` or ``metadata`` (``update`` of tags, metadata or anything
   else, since ``updated_at`` is in the metadata; an upsert by key) wait until the memory's
   enrichment window has passed (``AUTOMEM_ENRICHMENT_WINDOW``, default 0.5 s after the server
@@ -244,8 +250,10 @@ class AutomemDriver(BaseMemoryDriver):
         if text and not use_vector and not terms:
             return []  # keyword search with no word to match
         limit = min(RECALL_LIMIT, max(2 * top_k, 20))
+        # state_mode=history: "current" would hide memories whose occurred_at (the server's
+        # timestamp) lies in the future; deletion and expiry are checked here (``visible``).
         params: list[tuple[str, Any]] = [("limit", limit), ("tag_mode", "all"),
-                                         ("tag_match", "exact")]
+                                         ("tag_match", "exact"), ("state_mode", "history")]
         params += [("tags", tag) for tag in mapping.filter_tags(filters)]
         params += [("exclude_tags", mapping.caller_tag(tag)) for tag in filters.exclude_tags]
         params.append(("query", text) if text else ("sort", "time_desc"))
@@ -341,12 +349,13 @@ class AutomemDriver(BaseMemoryDriver):
         importance: float = 0.5,
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
+        occurred_at: datetime | None = None,
     ) -> Memory:
         now = datetime.now(UTC)
         draft = prepare_store(
             user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
             namespace=namespace, key=key, importance=importance, ttl=ttl, expires_at=expires_at,
-            now=now,
+            occurred_at=occurred_at, now=now,
         )
         _check_server_limit(draft.content, "content")
         return self._store_drafts([draft], now)[0]
@@ -456,12 +465,13 @@ class AutomemDriver(BaseMemoryDriver):
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
         clear_expiry: bool = False,
+        occurred_at: datetime | None = None,
     ) -> Memory | None:
         memory_id, user_id = check_by_id(memory_id, user_id)
         now = datetime.now(UTC)
         changes = prepare_changes(content=content, tags=tags, metadata=metadata,
                                   importance=importance, ttl=ttl, expires_at=expires_at,
-                                  clear_expiry=clear_expiry, now=now)
+                                  clear_expiry=clear_expiry, occurred_at=occurred_at, now=now)
         if changes.content is not None:
             _check_server_limit(changes.content, "content")
         with self._holding(memory_id):
@@ -484,6 +494,8 @@ class AutomemDriver(BaseMemoryDriver):
             patch["importance"] = changes.importance
         if changes.expires_at is not None or changes.clear_expiry:
             patch["t_invalid"] = changes.expires_at.isoformat() if changes.expires_at else None
+        if changes.occurred_at is not None:
+            patch["timestamp"] = changes.occurred_at.isoformat()
         new_tags = changes.tags if changes.tags is not None else memory["tags"]
         new_importance = (changes.importance if changes.importance is not None
                           else memory["importance"])
@@ -624,7 +636,8 @@ class AutomemDriver(BaseMemoryDriver):
         user_id = check_id(user_id, "user_id")
         records = self._user_records(user_id)
         servers = self._list_tagged(mapping.user_tag(user_id), kind="memory", user_id=user_id)
-        created = [parse_time(s.get("timestamp")) for s in servers]
+        created = [parse_time(layer_of(s).get("created_at")) or parse_time(s.get("timestamp"))
+                   for s in servers]
         row = None
         if records:
             layer = layer_of(records[0])
@@ -808,7 +821,8 @@ class AutomemDriver(BaseMemoryDriver):
                 else:
                     replaced.append(existing)
                     results[index] = self._upsert(existing, draft, now)
-            # Distinct timestamps keep "newest first" exact within a batch.
+            # Distinct store times keep "newest first" exact within a batch (and the
+            # timestamps of items without occurred_at, which get their store time).
             payload = [mapping.server_item(drafts[i], now + timedelta(microseconds=n),
                                            operation=operation) for n, i in enumerate(fresh)]
             ids = self._create(payload, created)
@@ -855,7 +869,7 @@ class AutomemDriver(BaseMemoryDriver):
                         tags=_server_extras(existing) + item["tags"],
                         importance=item["importance"], metadata=item["metadata"],
                         t_invalid=draft.expires_at.isoformat() if draft.expires_at else None,
-                        t_valid=None)
+                        t_valid=None, timestamp=item["timestamp"])
         if len(draft.content) > self._soft_limit:
             self._keep_content(existing["id"], draft.content, undo=False)
         read_started = time.monotonic()
@@ -942,7 +956,8 @@ class AutomemDriver(BaseMemoryDriver):
             self._patch(previous["id"], content=previous["content"], tags=previous["tags"],
                         importance=previous["importance"], metadata=previous["metadata"],
                         t_invalid=previous.get("t_invalid"), t_valid=previous.get("t_valid"),
-                        not_found=None)
+                        **({"timestamp": previous["timestamp"]} if previous.get("timestamp")
+                           else {}), not_found=None)
         return undone
 
     def _find_key(self, draft: MemoryDraft) -> dict[str, Any] | None:

@@ -14,6 +14,10 @@ piece of state lives, and why (``automem_driver`` explains the whole design):
 - **Importance buckets.** A memory of importance ``i`` carries ``ml:imp:1`` up to
   ``ml:imp:<floor(10 i)>``, so ``min_importance`` is pushed to the server (to a tenth; the rest
   is checked here).
+- **Time.** The server's ``timestamp`` is the memory's ``occurred_at`` (recall's ``start``/
+  ``end`` and time sorting work on it); when it was stored (``created_at``) is in the layer's
+  metadata, written by the store and never changed. A memory written before issue 17 has its
+  store time in ``timestamp``, which is then both.
 - **State enrichment cannot undo** lives in fields the server's enrichment never writes back:
   expiry in ``t_invalid``, soft deletion in ``t_valid`` (see ``deleted_marker``), content and
   importance in their own fields. Everything in ``tags`` and ``metadata`` is written by the batch
@@ -103,8 +107,12 @@ def filter_tags(filters: RecallFilters) -> list[str]:
 
 def server_item(draft: MemoryDraft, now: datetime, *, operation: str | None = None,
                 created_at: datetime | None = None) -> dict[str, Any]:
-    """The batch item that creates ``draft`` (``operation`` tags what one call created)."""
+    """The batch item that creates ``draft`` (``operation`` tags what one call created).
+
+    ``now`` is the time of this store: ``created_at`` unless that is given (an upsert keeps the
+    replaced memory's), and ``occurred_at`` unless the draft has one."""
     created = created_at or now
+    occurred = draft.occurred_at or now
     layer = {"kind": "memory", "user_id": draft.user_id, "agent_id": draft.agent_id,
              "conversation_id": draft.conversation_id, "namespace": draft.namespace,
              "key": draft.key, "tags": draft.tags, "access_count": 0, "last_accessed_at": None,
@@ -114,7 +122,8 @@ def server_item(draft: MemoryDraft, now: datetime, *, operation: str | None = No
     if operation:
         tags.append(operation_tag(operation))
     return {"content": draft.content, "tags": tags, "importance": draft.importance,
-            "timestamp": created.isoformat(), "metadata": {LAYER: layer, "data": draft.metadata}}
+            "timestamp": occurred.isoformat(),
+            "metadata": {LAYER: layer, "data": draft.metadata}}
 
 
 def operation_tag(operation: str) -> str:
@@ -151,7 +160,8 @@ def memory_from_server(server: dict[str, Any], memory_id: Any) -> Memory | None:
     layer = layer_of(server)
     if layer.get("kind") != "memory" or not memory_id:
         return None
-    created = parse_time(layer.get("created_at")) or parse_time(server.get("timestamp"))
+    timestamp = parse_time(server.get("timestamp"))
+    created = parse_time(layer.get("created_at")) or timestamp
     updated = parse_time(layer.get("updated_at")) or created
     accessed = parse_time(layer.get("last_accessed_at"))
     return {
@@ -171,6 +181,7 @@ def memory_from_server(server: dict[str, Any], memory_id: Any) -> Memory | None:
         "deleted_at": deleted_at_of(server),
         "created_at": created or datetime.now(UTC),
         "updated_at": updated or datetime.now(UTC),
+        "occurred_at": timestamp or created or datetime.now(UTC),
     }
 
 

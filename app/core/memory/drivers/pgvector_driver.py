@@ -143,21 +143,23 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-REQUIRED_MIGRATION = "2026_11_22_000001_create_memory_tables"
+#: The schema the driver needs, all of it (every memory read selects ``occurred_at``).
+REQUIRED_MIGRATION = "2026_11_29_000002_add_memories_occurred_at"
+#: A memory row as ``_memory_from_row`` reads it (by position: add columns at the end only).
 _MEMORY_COLUMNS = (
     "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
     "m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, m.expires_at, "
-    "m.deleted_at, m.created_at, m.updated_at"
+    "m.deleted_at, m.created_at, m.updated_at, m.occurred_at"
 )
 _UPSERT_MEMORY = (
     "INSERT INTO memories AS m (id, user_id, agent_id, conversation_id, namespace, key, content, "
-    "tags, metadata, importance, expires_at, created_at, updated_at, embedding) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::text[], %s, %s, %s, %s, %s, %s::vector) "
+    "tags, metadata, importance, expires_at, created_at, updated_at, occurred_at, embedding) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s::vector) "
     "ON CONFLICT (user_id, COALESCE(agent_id, ''), namespace, key) WHERE key IS NOT NULL "
     "DO UPDATE SET conversation_id = EXCLUDED.conversation_id, content = EXCLUDED.content, "
     "tags = EXCLUDED.tags, metadata = EXCLUDED.metadata, importance = EXCLUDED.importance, "
     "expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at, "
-    "embedding = EXCLUDED.embedding, deleted_at = NULL "
+    "occurred_at = EXCLUDED.occurred_at, embedding = EXCLUDED.embedding, deleted_at = NULL "
     f"RETURNING {_MEMORY_COLUMNS}"
 )
 
@@ -370,12 +372,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         importance: float = 0.5,
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
+        occurred_at: datetime | None = None,
     ) -> Memory:
         now = _utcnow()
         draft = prepare_store(
             user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
             namespace=namespace, key=key, importance=importance, ttl=ttl, expires_at=expires_at,
-            now=now,
+            occurred_at=occurred_at, now=now,
         )
         vectors = self._embed_documents([draft.content])
         with self._connection() as conn:
@@ -481,12 +484,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
         clear_expiry: bool = False,
+        occurred_at: datetime | None = None,
     ) -> Memory | None:
         memory_id, user_id = check_by_id(memory_id, user_id)
         now = _utcnow()
         changes = prepare_changes(content=content, tags=tags, metadata=metadata,
                                   importance=importance, ttl=ttl, expires_at=expires_at,
-                                  clear_expiry=clear_expiry, now=now)
+                                  clear_expiry=clear_expiry, occurred_at=occurred_at, now=now)
         vector = self._embed_documents([changes.content])[0] if changes.content else None
         assignments = ["updated_at = %(now)s"]
         values: dict[str, Any] = {"id": memory_id, "user": user_id, "now": now}
@@ -496,6 +500,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             ("metadata", None if changes.metadata is None else _jsonb(changes.metadata), ""),
             ("importance", changes.importance, ""),
             ("expires_at", changes.expires_at, ""),
+            ("occurred_at", changes.occurred_at, ""),
             ("embedding", None if vector is None else _vector_param(vector), "::vector"),
         ):
             if value is not None:
@@ -1064,7 +1069,9 @@ def _memory_scope(filters: RecallFilters, now: datetime, *,
 def _upsert_params(draft: MemoryDraft, vector: np.ndarray, now: datetime) -> tuple[Any, ...]:
     return (uuid.uuid4().hex, draft.user_id, draft.agent_id, draft.conversation_id,
             draft.namespace, draft.key, draft.content, draft.tags, _jsonb(draft.metadata),
-            draft.importance, draft.expires_at, now, now, _vector_param(vector))
+            draft.importance, draft.expires_at, now, now,
+            # occurred_at defaults to the time of this store (an upsert's too: a new fact).
+            draft.occurred_at or now, _vector_param(vector))
 
 
 def _migration_check(conn: Any) -> dict[str, Any]:
@@ -1191,6 +1198,7 @@ def _memory_from_row(row: tuple[Any, ...]) -> Memory:
         "deleted_at": _utc(row[14]),
         "created_at": row[15].astimezone(UTC),
         "updated_at": row[16].astimezone(UTC),
+        "occurred_at": row[17].astimezone(UTC),
     }
 
 

@@ -33,14 +33,14 @@ FETCH_SIZE = 500
 _MEMORY_SELECT = (
     "SELECT m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, "
     "m.content, m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, "
-    "m.expires_at, m.deleted_at, m.created_at, m.updated_at, m.embedding::real[] "
+    "m.expires_at, m.deleted_at, m.created_at, m.updated_at, m.occurred_at, m.embedding::real[] "
     "FROM memories m WHERE (%(user)s::text IS NULL OR m.user_id = %(user)s) ORDER BY m.pk"
 )
 _MEMORY_UPSERT = (
     "INSERT INTO memories (id, user_id, agent_id, conversation_id, namespace, key, content, "
     "tags, metadata, importance, access_count, last_accessed_at, expires_at, deleted_at, "
-    "created_at, updated_at, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::text[], %s, "
-    "%s, %s, %s, %s, %s, %s, %s, %s::vector) "
+    "created_at, updated_at, occurred_at, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+    "%s::text[], %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::vector) "
     "ON CONFLICT (id) DO UPDATE SET agent_id = EXCLUDED.agent_id, "
     "conversation_id = EXCLUDED.conversation_id, namespace = EXCLUDED.namespace, "
     "key = EXCLUDED.key, content = EXCLUDED.content, tags = EXCLUDED.tags, "
@@ -48,7 +48,7 @@ _MEMORY_UPSERT = (
     "access_count = EXCLUDED.access_count, last_accessed_at = EXCLUDED.last_accessed_at, "
     "expires_at = EXCLUDED.expires_at, deleted_at = EXCLUDED.deleted_at, "
     "created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, "
-    "embedding = EXCLUDED.embedding"
+    "occurred_at = EXCLUDED.occurred_at, embedding = EXCLUDED.embedding"
 )
 
 
@@ -73,7 +73,7 @@ def read_memories(conn: Any, user_id: str | None, with_embeddings: bool,
         cursor.itersize = FETCH_SIZE
         cursor.execute(_MEMORY_SELECT, {"user": user_id})
         for row in cursor:
-            vector = np.asarray(row[17], dtype=np.float32) if with_embeddings else None
+            vector = np.asarray(row[18], dtype=np.float32) if with_embeddings else None
             yield cast(PortableMemory, {"type": "memory", **to_memory(row), "embedding": vector})
 
 
@@ -141,7 +141,7 @@ def _write_memory(conn: Any, memory: PortableMemory, vector: str,
         memory["namespace"], memory["key"], memory["content"], memory["tags"],
         jsonb(memory["metadata"]), memory["importance"], memory["access_count"],
         memory["last_accessed_at"], memory["expires_at"], memory["deleted_at"],
-        memory["created_at"], memory["updated_at"], vector))
+        memory["created_at"], memory["updated_at"], memory["occurred_at"], vector))
     return None
 
 

@@ -48,7 +48,7 @@ from app.core.memory.chunking import chunk_text
 from app.core.memory.cursors import CURSOR_GONE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers import sqlite_transfer as transfer
-from app.core.memory.drivers.sqlite_values import from_epoch, vector_blob
+from app.core.memory.drivers.sqlite_values import from_epoch, to_epoch, vector_blob
 from app.core.memory.drivers.support import EmbeddingSupport, claim_user_id
 from app.core.memory.drivers.vector_cache import VectorCache
 from app.core.memory.embeddings import (
@@ -105,11 +105,12 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-REQUIRED_MIGRATION = "2026_11_22_000001_create_memory_tables"
+#: The schema the driver needs, all of it (every memory read selects ``occurred_at``).
+REQUIRED_MIGRATION = "2026_11_29_000002_add_memories_occurred_at"
 _MEMORY_COLUMNS = (
     "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
     "m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, m.expires_at, "
-    "m.deleted_at, m.created_at, m.updated_at"
+    "m.deleted_at, m.created_at, m.updated_at, m.occurred_at"
 )
 
 
@@ -341,12 +342,13 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         importance: float = 0.5,
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
+        occurred_at: datetime | None = None,
     ) -> Memory:
         now = _utcnow()
         draft = prepare_store(
             user_id, content, conversation_id, tags, metadata, agent_id=agent_id,
             namespace=namespace, key=key, importance=importance, ttl=ttl, expires_at=expires_at,
-            now=now,
+            occurred_at=occurred_at, now=now,
         )
         vectors = self._embed_documents([draft.content])
         with self._write(vectors=True) as conn:
@@ -454,12 +456,13 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
         clear_expiry: bool = False,
+        occurred_at: datetime | None = None,
     ) -> Memory | None:
         memory_id, user_id = check_by_id(memory_id, user_id)
         now = _utcnow()
         changes = prepare_changes(content=content, tags=tags, metadata=metadata,
                                   importance=importance, ttl=ttl, expires_at=expires_at,
-                                  clear_expiry=clear_expiry, now=now)
+                                  clear_expiry=clear_expiry, occurred_at=occurred_at, now=now)
         vector = self._embed_documents([changes.content])[0] if changes.content else None
         assignments: list[str] = ["updated_at = ?"]
         params: list[Any] = [now.timestamp()]
@@ -469,6 +472,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                                else json.dumps(changes.metadata)),
                               ("importance", changes.importance),
                               ("expires_at", changes.expires_at and changes.expires_at.timestamp()),
+                              ("occurred_at", to_epoch(changes.occurred_at)),
                               ("embedding", None if vector is None else vector_blob(vector))):
             if value is not None:
                 assignments.append(f"{column} = ?")
@@ -975,9 +979,12 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     def _write_memory(self, conn: sqlite3.Connection, draft: MemoryDraft, vector: np.ndarray,
                       now: float) -> int:
         """Insert ``draft``, or replace the memory with its key in place; returns the pk."""
+        # occurred_at defaults to the time of this store (an upsert's too: new content, new fact).
+        occurred = now if draft.occurred_at is None else draft.occurred_at.timestamp()
         values = (draft.conversation_id, draft.content, json.dumps(draft.tags),
                   json.dumps(draft.metadata), draft.importance,
-                  draft.expires_at and draft.expires_at.timestamp(), now, vector_blob(vector))
+                  draft.expires_at and draft.expires_at.timestamp(), occurred, now,
+                  vector_blob(vector))
         if draft.key is not None:
             existing = conn.execute(
                 "SELECT pk FROM memories WHERE user_id = ? AND COALESCE(agent_id, '') = ? "
@@ -987,15 +994,15 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             if existing is not None:
                 conn.execute(
                     "UPDATE memories SET conversation_id = ?, content = ?, tags = ?, "
-                    "metadata = ?, importance = ?, expires_at = ?, updated_at = ?, "
-                    "embedding = ?, deleted_at = NULL WHERE pk = ?",
+                    "metadata = ?, importance = ?, expires_at = ?, occurred_at = ?, "
+                    "updated_at = ?, embedding = ?, deleted_at = NULL WHERE pk = ?",
                     (*values, existing["pk"]),
                 )
                 return int(existing["pk"])
         cursor = conn.execute(
             "INSERT INTO memories (conversation_id, content, tags, metadata, importance, "
-            "expires_at, updated_at, embedding, id, user_id, agent_id, namespace, key, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "expires_at, occurred_at, updated_at, embedding, id, user_id, agent_id, namespace, "
+            "key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*values, uuid.uuid4().hex, draft.user_id, draft.agent_id, draft.namespace,
              draft.key, now),
         )
@@ -1110,6 +1117,7 @@ def _memory_from_row(row: sqlite3.Row) -> Memory:
         "deleted_at": from_epoch(row["deleted_at"]),
         "created_at": from_epoch(row["created_at"]),
         "updated_at": from_epoch(row["updated_at"]),
+        "occurred_at": from_epoch(row["occurred_at"]),
     }
 
 

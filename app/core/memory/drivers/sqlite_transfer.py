@@ -34,13 +34,15 @@ FETCH_SIZE = 500
 _MEMORY_SELECT = (
     "SELECT m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, "
     "m.content, m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, "
-    "m.expires_at, m.deleted_at, m.created_at, m.updated_at, m.embedding FROM memories m "
+    "m.expires_at, m.deleted_at, m.created_at, m.updated_at, m.occurred_at, m.embedding "
+    "FROM memories m "
     "WHERE (?1 IS NULL OR m.user_id = ?1) ORDER BY m.pk"
 )
 _MEMORY_UPSERT = (
     "INSERT INTO memories (id, user_id, agent_id, conversation_id, namespace, key, content, "
     "tags, metadata, importance, access_count, last_accessed_at, expires_at, deleted_at, "
-    "created_at, updated_at, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "created_at, updated_at, occurred_at, embedding) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET agent_id = excluded.agent_id, "
     "conversation_id = excluded.conversation_id, namespace = excluded.namespace, "
     "key = excluded.key, content = excluded.content, tags = excluded.tags, "
@@ -48,7 +50,7 @@ _MEMORY_UPSERT = (
     "access_count = excluded.access_count, last_accessed_at = excluded.last_accessed_at, "
     "expires_at = excluded.expires_at, deleted_at = excluded.deleted_at, "
     "created_at = excluded.created_at, updated_at = excluded.updated_at, "
-    "embedding = excluded.embedding"
+    "occurred_at = excluded.occurred_at, embedding = excluded.embedding"
 )
 
 
@@ -127,7 +129,7 @@ def _write_memory(conn: sqlite3.Connection, memory: PortableMemory,
         json.dumps(memory["metadata"]), memory["importance"], memory["access_count"],
         to_epoch(memory["last_accessed_at"]), to_epoch(memory["expires_at"]),
         to_epoch(memory["deleted_at"]), to_epoch(memory["created_at"]),
-        to_epoch(memory["updated_at"]), vector_blob(vector)))
+        to_epoch(memory["updated_at"]), to_epoch(memory["occurred_at"]), vector_blob(vector)))
     return None
 
 
