@@ -208,13 +208,10 @@ def measure_store_many(url: str, embedder: BenchEmbedder, corpus: Corpus, stage:
 
 def explain_plans(driver: Any, conn: Any, user_id: str, text: str, vector: np.ndarray) -> str:
     """``EXPLAIN (ANALYZE, BUFFERS)`` of the driver's recall query and of the baseline."""
-    from app.core.memory.drivers.pgvector_driver import _SETTINGS
-
-    sql, values, settings = driver.explain_recall(user_id, text, vector, TOP_K)
-    lines = [f"-- driver recall (settings: {settings})"]
+    sql, values = driver.explain_recall(user_id, text, vector, TOP_K)
+    lines = ["-- driver recall: the candidate statement (it sets its own settings)"]
     with conn.transaction():
         conn.execute("RESET ALL")
-        conn.execute(_SETTINGS, settings)
         lines += [_short(row[0]) for row in
                   conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, values)]
         conn.execute(BASELINE_SETTINGS)

@@ -35,14 +35,17 @@ def test_a_vector_candidate_past_the_keyword_cut_off_keeps_its_keyword_coverage(
     depth = candidate_depth(1)
     driver.store_many([{"user_id": "u", "content": f"alpha beta {fillers} n{i}x"}
                        for i in range(depth + 10)])
+    # Enough other rows that neither word is common (held by more than 10% of them).
+    others = 10 * (depth + 11)
+    driver.store_many([{"user_id": "u", "content": f"o{i}x"} for i in range(others)])
     near = driver.store("u", "alpha")
 
     found = driver.recall("u", query="alpha beta", top_k=1)
 
     embedder = WordHashEmbedder()
     cosine = float(embedder.embed_query("alpha") @ embedder.embed_query("alpha beta"))
-    rows = depth + 11
-    weights = KeywordStats(rows, {"alpha": rows, "beta": rows - 1}).weights()
+    rows = depth + 11 + others
+    weights = KeywordStats(rows, {"alpha": depth + 11, "beta": depth + 10}).weights()
     coverage = weights["alpha"] / (weights["alpha"] + weights["beta"])
     w = DEFAULT_WEIGHTS
     expected = (w.vector * cosine + w.keyword * coverage + w.importance * 0.5) / (
