@@ -4,8 +4,11 @@
                               [--backends onnx,torch]
 
 Protocol (``shared/bench/README.md``): one user per conversation, every turn one memory with
-content ``"Speaker: text"`` and metadata (dia_id, session, session date, speaker); each question is
-``recall(user, query=question, top_k=25)``; its evidence turns are the relevant set. Metrics per
+content ``"Speaker: text"``, metadata (dia_id, session, session date, speaker), the conversation
+as ``conversation_id`` and its session's date as ``occurred_at``; each question is
+``recall(user, query=question, top_k=25, reference_time=<the last session's date>)``; its
+evidence turns are the relevant set. "dated" is the questions that name a time
+(``time_phrases.window_named_by`` finds one), reported apart as well. Metrics per
 question category and overall: recall@1/5/10/25 (share of the evidence in the top k), MRR and
 NDCG@10; categories 1-4 are the headline, 5 (adversarial) is reported apart; results belonging to
 another user are counted (must be 0). Baselines, on the same texts in the same run: BM25
@@ -37,12 +40,15 @@ from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.embeddings import get_default_embedder
 from app.core.memory.ranking import FusionWeights
+from app.core.memory.time_phrases import window_named_by
 from bench.backends import open_backend
 
 #: The weightings (vector, keyword, importance) ``--sweep`` compares with the default.
 SWEEP = [FusionWeights(v, round(1 - v, 2), 0.05) for v in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "bench" / "locomo-dev.json"
 KS = (1, 5, 10, 25)
+#: The totals' key of the questions (categories 1-4) that name a time.
+DATED = 0
 DIA_ID = re.compile(r"D:?(\d+):(\d+)")
 WORDS = re.compile(r"\w+")
 
@@ -61,18 +67,26 @@ def load(path: Path) -> list[dict[str, Any]]:
             for turn in value:
                 turns.append((turn["dia_id"], f"{turn['speaker']}: {turn['text']}",
                               {"dia_id": turn["dia_id"], "session": int(match.group(1)),
-                               "session_date": date, "speaker": turn["speaker"]}))
-        known = {dia_id for dia_id, _, _ in turns}
+                               "session_date": date, "speaker": turn["speaker"]},
+                              session_time(date)))
+        known = {dia_id for dia_id, _, _, _ in turns}
+        reference = max(when for *_, when in turns)
         questions = []
         for qa in sample["qa"]:
             evidence = {f"D{a}:{b}" for raw in qa.get("evidence", [])
                         for a, b in DIA_ID.findall(str(raw))} & known
             if evidence:
                 questions.append({"question": qa["question"], "category": qa["category"],
-                                  "evidence": evidence})
+                                  "evidence": evidence, "dated": window_named_by(
+                                      qa["question"], reference) is not None})
         conversations.append({"user": re.sub(r"[^A-Za-z0-9_.:@-]", "_", sample["sample_id"]),
-                              "turns": turns, "questions": questions})
+                              "turns": turns, "questions": questions, "reference": reference})
     return conversations
+
+
+def session_time(text: str) -> datetime:
+    """A session's date, e.g. "1:56 pm on 8 May, 2023", as an aware datetime (taken as UTC)."""
+    return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=UTC)
 
 
 def scores(ranked: Sequence[str], relevant: set[str]) -> dict[str, float]:
@@ -144,12 +158,16 @@ def _run(args: argparse.Namespace, conversations: list[dict[str, Any]], embedder
         try:
             for conversation in conversations:
                 user, turns = conversation["user"], conversation["turns"]
-                stored = driver.store_many([{"user_id": user, "content": content, "metadata": meta}
-                                            for _, content, meta in turns])
-                dia_of = {memory["id"]: dia_id for memory, (dia_id, _, _) in zip(stored, turns,
-                                                                                   strict=True)}
-                systems = _systems(driver, user, turns, embedder, BM25Okapi, turn_vectors)
-                systems.update({label: _recall_ids(variant, user)
+                stored = driver.store_many([
+                    {"user_id": user, "content": content, "metadata": meta,
+                     "conversation_id": user, "occurred_at": when}
+                    for _, content, meta, when in turns])
+                dia_of = {memory["id"]: turn[0] for memory, turn in zip(stored, turns,
+                                                                          strict=True)}
+                reference = conversation["reference"]
+                systems = _systems(driver, user, turns, embedder, BM25Okapi, turn_vectors,
+                                   reference)
+                systems.update({label: _recall_ids(variant, user, reference)
                                 for label, variant in variants.items()})
                 for question in conversation["questions"]:
                     for system, run in systems.items():
@@ -157,21 +175,23 @@ def _run(args: argparse.Namespace, conversations: list[dict[str, Any]], embedder
                         if system.startswith("recall"):  # memory ids, not dia_ids
                             foreign += sum(1 for memory_id in ranked if memory_id not in dia_of)
                             ranked = [dia_of[m] for m in ranked if m in dia_of]
-                        totals[label + system][question["category"]].append(
-                            scores(ranked, question["evidence"]))
+                        result = scores(ranked, question["evidence"])
+                        totals[label + system][question["category"]].append(result)
+                        if question["dated"] and question["category"] != 5:
+                            totals[label + system][DATED].append(result)
         finally:
             for opened in (driver, *variants.values()):
                 opened.close()
     return foreign
 
 
-def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, Any]],
-             embedder: Any, bm25_class: Any,
-             turn_vectors: list[np.ndarray]) -> dict[str, Callable[[str], list[str]]]:
+def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, Any, datetime]],
+             embedder: Any, bm25_class: Any, turn_vectors: list[np.ndarray],
+             reference: datetime) -> dict[str, Callable[[str], list[str]]]:
     """The ranked lists under comparison for one conversation: memory ids for the driver's
     recalls, dia_ids for the baselines."""
-    texts = [content for _, content, _ in turns]
-    dia_ids = [dia_id for dia_id, _, _ in turns]
+    texts = [turn[1] for turn in turns]
+    dia_ids = [turn[0] for turn in turns]
     bm25 = bm25_class([WORDS.findall(text.lower()) for text in texts])
     matrix = embedder.embed_documents(texts)
     turn_vectors.append(matrix)
@@ -180,9 +200,9 @@ def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, An
         return [dia_ids[i] for i in np.argsort(-values, kind="stable")[:25]]
 
     return {
-        "recall (hybrid)": _recall_ids(driver, user),
-        "recall use_vector=False": lambda q: _ids(
-            driver.recall(user, query=q, top_k=25, use_vector=False)),
+        "recall (hybrid)": _recall_ids(driver, user, reference),
+        "recall use_vector=False": lambda q: _ids(driver.recall(
+            user, query=q, top_k=25, use_vector=False, reference_time=reference)),
         "BM25 baseline": lambda q: best(bm25.get_scores(WORDS.findall(q.lower()))),
         "dense baseline": lambda q: best(matrix @ embedder.embed_query(q)),
     }
@@ -200,8 +220,9 @@ def _backend_deltas(table: dict[str, dict[str, dict[str, float]]], names: list[s
     return "\n".join(lines)
 
 
-def _recall_ids(driver: BaseMemoryDriver, user: str) -> Callable[[str], list[str]]:
-    return lambda q: _ids(driver.recall(user, query=q, top_k=25))
+def _recall_ids(driver: BaseMemoryDriver, user: str,
+                reference: datetime) -> Callable[[str], list[str]]:
+    return lambda q: _ids(driver.recall(user, query=q, top_k=25, reference_time=reference))
 
 
 def _ids(memories: list[Any]) -> list[str]:
@@ -215,7 +236,8 @@ def _report(totals: dict[str, dict[int, list[dict[str, float]]]], foreign: int,
     for system, by_category in totals.items():
         groups = {"1-4": [s for c in (1, 2, 3, 4) for s in by_category.get(c, [])],
                   "5": by_category.get(5, [])}
-        groups.update({str(c): by_category[c] for c in sorted(by_category)})
+        groups["dated"] = by_category.get(DATED, [])
+        groups.update({str(c): by_category[c] for c in sorted(by_category) if c != DATED})
         table[system] = {group: {m: statistics.fmean(s[m] for s in rows) for m in metrics}
                          | {"n": len(rows)} for group, rows in groups.items() if rows}
     lines = [f"Retrieval on {args.data.name}, driver {args.driver}, {seconds:.0f} s; results of "
@@ -223,7 +245,7 @@ def _report(totals: dict[str, dict[int, list[dict[str, float]]]], foreign: int,
              "| system | categories | n | " + " | ".join(metrics) + " |",
              "|---|---|---|" + "---|" * len(metrics)]
     for system, by_group in table.items():
-        for group in ("1-4", "5", "1", "2", "3", "4"):
+        for group in ("1-4", "dated", "5", "1", "2", "3", "4"):
             if group in by_group:
                 row = by_group[group]
                 lines.append(f"| {system} | {group} | {int(row['n'])} | "
