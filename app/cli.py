@@ -39,6 +39,7 @@ from app.core.memory.errors import (
     NotSupportedError,
     SchemaNotMigratedError,
 )
+from app.core.memory.validation import parse_iso_time
 from config.settings import SettingsError, get_settings, strip_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--key", help="upsert key: replaces the memory with the same key")
     store.add_argument("--importance", type=float, default=0.5)
     store.add_argument("--ttl", type=float, help="seconds until the memory expires")
+    store.add_argument("--occurred-at", metavar="ISO8601",
+                       help="when it was said or happened, with a UTC offset, e.g. "
+                            "2023-05-07T14:30:00Z (default: now)")
     store.add_argument("--metadata", type=_json_object, help="a JSON object")
     store.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
 
@@ -109,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--importance", type=float)
     update.add_argument("--ttl", type=float, help="seconds from now until the memory expires")
     update.add_argument("--clear-expiry", action="store_true", help="never expire")
+    update.add_argument("--occurred-at", metavar="ISO8601",
+                        help="when it was said or happened, with a UTC offset, e.g. "
+                             "2023-05-07T14:30:00Z")
 
     for verb, text in (("get", "show one memory"), ("delete", "soft-delete a memory"),
                        ("restore", "undo a soft delete")):
@@ -325,7 +332,7 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         memory = driver.store(
             args.user_id, args.content, args.conversation_id, args.tags, args.metadata,
             agent_id=args.agent_id, namespace=args.namespace or "default", key=args.key,
-            importance=args.importance, ttl=args.ttl,
+            importance=args.importance, ttl=args.ttl, occurred_at=_occurred_at(args),
         )
         return _emit(args, memory, lambda: f"stored {memory['id']}")
     if command == "recall":
@@ -348,7 +355,7 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         changed = driver.update(
             args.memory_id, args.user_id, content=args.content, tags=args.tags,
             metadata=args.metadata, importance=args.importance, ttl=args.ttl,
-            clear_expiry=args.clear_expiry)
+            clear_expiry=args.clear_expiry, occurred_at=_occurred_at(args))
         if changed is None:
             return _not_found(args, f"no memory {args.memory_id} to update")
         return _emit(args, changed, lambda: f"updated {changed['id']}")
@@ -681,6 +688,12 @@ def _read_source(name: str) -> str:
             return handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"file must be a readable UTF-8 text file ({exc})") from exc
+
+
+def _occurred_at(args: argparse.Namespace) -> datetime | None:
+    """``--occurred-at`` as a datetime; bad text is ``InvalidInputError`` (one line, exit 2)."""
+    text = args.occurred_at
+    return None if text is None else parse_iso_time(text, "--occurred-at")
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -100,3 +100,22 @@ def test_unmigrated_database_fails_with_the_fix(capsys: pytest.CaptureFixture[st
     code, _, err = run(capsys, "recall", "alice")
     assert code == 1
     assert "python migrate.py" in err
+
+
+def test_occurred_at_on_store_and_update(database: Path, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = run(capsys, "--json", "store", "alice", "Moved to Lisbon",
+                       "--occurred-at", "2023-05-01T09:00:00+01:00")
+    assert code == 0
+    stored = json.loads(out)
+    assert stored["occurred_at"] == "2023-05-01T08:00:00+00:00"
+    code, out, _ = run(capsys, "--json", "update", stored["id"], "--occurred-at",
+                       "2023-06-01T00:00:00Z")
+    assert code == 0 and json.loads(out)["occurred_at"] == "2023-06-01T00:00:00+00:00"
+    for bad, rule in (("last May", "--occurred-at must be an ISO 8601 time"),
+                      ("2023-05-01T09:00:00", "--occurred-at must be an ISO 8601 time"),
+                      ("0001-01-01T00:00:00Z", "occurred_at must be a timezone-aware")):
+        code, out, err = run(capsys, "store", "alice", "never stored", "--occurred-at", bad)
+        assert code == 2 and out == "" and err.count("\n") == 1 and rule in err, err
+        assert run(capsys, "update", stored["id"], "--occurred-at", bad)[0] == 2
+    code, out, _ = run(capsys, "--json", "list", "alice")
+    assert [m["occurred_at"] for m in json.loads(out)["items"]] == ["2023-06-01T00:00:00+00:00"]

@@ -59,12 +59,14 @@ def crafted_dump(source: BaseMemoryDriver, kind: str) -> tuple[list[str], int | 
         "overflow": json.dumps({**harbor, "id": "mem_overflow", "key": "o",
                                 "created_at": "0001-01-01T00:00:00+14:00"}),
         "count": json.dumps({**harbor, "id": "mem_count", "key": "c", "access_count": 10**30}),
+        "occurred": json.dumps({**harbor, "id": "mem_occurred", "key": "t",
+                                "occurred_at": "0001-01-01T12:00:00+00:00"}),
     }[kind]
     lines.insert(1, crafted + "\n")
     return lines, 2
 
 
-@pytest.mark.parametrize("kind", ["deep", "overflow", "count", "vector"])
+@pytest.mark.parametrize("kind", ["deep", "overflow", "count", "occurred", "vector"])
 def test_a_crafted_line_is_refused_by_number_and_the_rest_imported(pair, kind: str):
     source, target = pair
     lines, number = crafted_dump(source, kind)
@@ -72,7 +74,9 @@ def test_a_crafted_line_is_refused_by_number_and_the_rest_imported(pair, kind: s
     if number is None:
         assert report.refused == []
     else:
-        words = {"deep": "nested deeper", "overflow": "created_at", "count": "access_count"}
+        words = {"deep": "nested deeper", "overflow": "created_at", "count": "access_count",
+                 "occurred": "occurred_at must be an ISO 8601 time with a UTC offset, from "
+                             "0001-01-02 to 9999-12-30"}
         assert len(report.refused) == 1 and report.refused[0][0] == f"line {number}"
         assert words[kind] in report.refused[0][1]
     assert report.written["memories"] == 2 and report.complete

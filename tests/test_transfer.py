@@ -33,6 +33,8 @@ TOPICS = {
     "home": ["Lives in Lisbon near the river", "Keeps two cats called Miso and Tofu",
              "Grows tomatoes on the balcony", "Is renovating the kitchen this spring"],
 }
+#: When the keyed memory of ``fill`` was said (an explicit occurred_at that must travel).
+SAID = datetime(2023, 5, 7, 14, 30, 15, 125_000, tzinfo=UTC)
 QUERIES = ["any food allergies?", "what pets do they have?", "which database are they moving to?",
            "where did they go hiking?", "what do they drink in the morning?",
            "where do they live?", "how do they like to fly?"]
@@ -53,7 +55,8 @@ def fill(driver: Any) -> dict[str, Any]:
         for user in ("alice", "bob") for topic, texts in TOPICS.items()
         for index, text in enumerate(texts)])
     keyed = driver.store("alice", "Prefers dark mode everywhere", key="theme",
-                         conversation_id="c1", metadata={"source": "settings"})
+                         conversation_id="c1", metadata={"source": "settings"},
+                         occurred_at=SAID)
     driver.delete(stored[1]["id"])
     driver.store("bob", "A reminder that expires at once", expires_at=datetime.now(UTC)
                  + timedelta(milliseconds=1))
@@ -99,6 +102,8 @@ def test_export_from_sqlite_then_import_into_pgvector_recalls_the_same(
     target = PgvectorDriver(url=empty_pg, embedder=embedder)
     try:
         assert everything(target) == everything(source)
+        keyed = [m for m in target.list_memories("alice")["items"] if m["key"] == "theme"]
+        assert keyed[0]["occurred_at"] == SAID
         for query in QUERIES:
             for use_vector in (True, False):
                 expected = source.recall("alice", query=query, top_k=5, use_vector=use_vector)
@@ -256,3 +261,33 @@ def test_vectors_of_another_model_are_replaced_by_the_targets_own(sqlite_path: P
         if record["type"] == "memory":
             assert np.allclose(record["embedding"],
                                OtherModel().embed_documents([record["content"]])[0])
+
+
+def test_a_dump_without_occurred_at_imports_with_created_at(sqlite_path: Path, empty_pg: str):
+    """Dumps written before issue 17 have no occurred_at: each memory gets its created_at (what
+    the migration gave the memories already stored), and a bad value is refused by line."""
+    source = SqliteDriver(path=sqlite_path, embedder=WordHashEmbedder())
+    fill(source)
+    out = io.StringIO()
+    transfer.export_dump(source, out, with_embeddings=False)
+    lines = out.getvalue().splitlines(keepends=True)
+    old = [json.dumps({k: v for k, v in json.loads(line).items() if k != "occurred_at"}) + "\n"
+           if '"type": "memory"' in line else line for line in lines]
+    assert "occurred_at" not in "".join(old) and "occurred_at" in "".join(lines)
+    first = next(i for i, line in enumerate(old) if '"type": "memory"' in line)
+    bad = {**json.loads(old[first]), "id": "mem_bad_time", "key": None,
+           "occurred_at": "2023-05-07T14:30:00"}
+    old.insert(first, json.dumps(bad) + "\n")
+    target = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder())
+    try:
+        report = transfer.import_dump(target, old)
+        assert report.refused == [(f"line {first + 1}", report.refused[0][1])]
+        assert "memory.occurred_at must be an ISO 8601 time with a UTC offset" in \
+            report.refused[0][1]
+        assert report.written["memories"] == 34
+        memories = [m for user in ("alice", "bob")
+                    for m in target.list_memories(user, include_deleted=True)["items"]]
+        assert memories and all(m["occurred_at"] == m["created_at"] for m in memories)
+    finally:
+        target.close()
+        source.close()

@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.core.memory.aio import AsyncMemoryDriver
 from app.core.memory.errors import InvalidInputError, MemoryDriverError
+from app.core.memory.validation import parse_iso_time
 from app.service import schemas as s
 from app.service.asgi import send_error
 from app.service.keys import AuthError, Principal, Unauthorized
@@ -63,6 +64,12 @@ KnowledgeResolver = Callable[[Context], Awaitable[AsyncMemoryDriver]]
 
 Tags = Annotated[list[str] | None, Field(description="Short labels without commas, e.g. "
                                                      "[\"preference\", \"ui\"].")]
+OccurredAt = Annotated[str | None, Field(description=(
+    "When the remembered thing was said or happened, as ISO 8601 with a UTC offset, e.g. "
+    "\"2023-05-07T14:30:00+00:00\" or \"2023-05-07T14:30:00Z\". Give it when the user mentions "
+    "when something happened or will happen (\"I moved to Lisbon in May 2023\": "
+    "\"2023-05-01T00:00:00Z\"); a future time is fine for plans. Leave out for \"now\".")),
+]
 
 
 def build_server(resolve: Resolver, resolve_driver: KnowledgeResolver) -> MCPServer[Any]:
@@ -85,13 +92,15 @@ def build_server(resolve: Resolver, resolve_driver: KnowledgeResolver) -> MCPSer
         ttl_seconds: Annotated[float | None, Field(description="Forget it after this many "
                                                                "seconds.")] = None,
         namespace: str = "default",
+        occurred_at: OccurredAt = None,
     ) -> CallToolResult:
         """Remember something about the user for later conversations. Returns the stored memory
         with its id."""
         driver, user_id = await resolve(ctx)
         memory = await _verb(driver.store(
             user_id, content, conversation_id, tags, metadata, namespace=namespace, key=key,
-            importance=importance, ttl=ttl_seconds))
+            importance=importance, ttl=ttl_seconds,
+            occurred_at=_time_argument(occurred_at, "occurred_at")))
         return _answer(f"stored {memory['id']}", {"memory": _one(memory)})
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
@@ -137,11 +146,13 @@ def build_server(resolve: Resolver, resolve_driver: KnowledgeResolver) -> MCPSer
         importance: float | None = None,
         metadata: Annotated[dict[str, Any] | None, Field(description="Replaces the metadata.")]
         = None,
+        occurred_at: OccurredAt = None,
     ) -> CallToolResult:
         """Correct a memory in place; only the fields given change."""
         driver, user_id = await resolve(ctx)
-        memory = await _verb(driver.update(memory_id, user_id, content=content, tags=tags,
-                                           importance=importance, metadata=metadata))
+        memory = await _verb(driver.update(
+            memory_id, user_id, content=content, tags=tags, importance=importance,
+            metadata=metadata, occurred_at=_time_argument(occurred_at, "occurred_at")))
         if memory is None:
             raise ToolError(f"no memory {memory_id}")
         return _answer(f"updated {memory_id}", {"memory": _one(memory)})
@@ -193,6 +204,16 @@ def build_server(resolve: Resolver, resolve_driver: KnowledgeResolver) -> MCPSer
                                                           mode="json")})
 
     return server
+
+
+def _time_argument(value: str | None, name: str) -> datetime | None:
+    """A time argument (ISO 8601 text) as a datetime; bad text is a tool error naming it."""
+    if value is None:
+        return None
+    try:
+        return parse_iso_time(value, name)
+    except InvalidInputError as exc:
+        raise ToolError(str(exc)) from exc
 
 
 async def _verb(call: Awaitable[Any]) -> Any:

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 USER_ID_DOC = ("The user whose memories this is. A user key implies its own user (leave it out); "
                "an admin key must name one.")
+OCCURRED_AT_DOC = ("When the remembered thing was said or happened: ISO 8601 with a UTC offset "
+                   "(e.g. 2023-05-07T14:30:00+00:00), 0001-01-02..9999-12-30 in UTC; the future "
+                   "is allowed. Default: the time of the store.")
 
 
 class _Body(BaseModel):
@@ -40,6 +43,7 @@ class StoreBody(_Body):
     ttl: float | None = Field(None, description="Seconds until the memory expires.")
     expires_at: datetime | None = Field(None, description="When it expires (with a timezone); "
                                                           "exclusive with ttl.")
+    occurred_at: datetime | None = Field(None, description=OCCURRED_AT_DOC)
 
 
 class BatchBody(_Body):
@@ -82,6 +86,8 @@ class UpdateBody(_Body):
     ttl: float | None = None
     expires_at: datetime | None = None
     clear_expiry: bool = False
+    occurred_at: datetime | None = Field(None, description="When the remembered thing was said "
+                                         "or happened (ISO 8601 with a UTC offset).")
 
 
 class KnowledgeBody(_Body):
@@ -146,6 +152,8 @@ class MemoryOut(BaseModel):
     deleted_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    occurred_at: datetime = Field(description="When the remembered thing was said or happened "
+                                              "(the time of the store unless one was given).")
     score: float | None = Field(None, description="On search results only: 0..1, higher is "
                                                   "better.")
 

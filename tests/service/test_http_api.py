@@ -26,17 +26,25 @@ def test_every_memory_endpoint(service: Service) -> None:
     with service.client(user) as http:
         stored = http.post("/v1/memories", json={
             "content": "Prefers dark mode in every editor", "tags": ["ui"],
-            "metadata": {"source": "chat"}, "importance": 0.9, "conversation_id": "c1"})
+            "metadata": {"source": "chat"}, "importance": 0.9, "conversation_id": "c1",
+            "occurred_at": "2023-05-07T14:30:00+02:00"})
         assert stored.status_code == 201, stored.text
         memory = stored.json()
         assert memory["user_id"] == user and memory["tags"] == ["ui"]
+        assert memory["occurred_at"] == "2023-05-07T12:30:00Z"  # ISO 8601, in UTC
         assert "score" not in memory  # records as the library returns them
 
         batch = http.post("/v1/memories/batch", json={"items": [
-            {"content": "Cycles to work along the river", "tags": ["personal"]},
+            {"content": "Cycles to work along the river", "tags": ["personal"],
+             "occurred_at": "2031-01-01T00:00:00Z"},
             {"content": "Is allergic to peanuts", "key": "diet"}]})
         assert batch.status_code == 201, batch.text
         assert [m["user_id"] for m in batch.json()["items"]] == [user, user]
+        dated, undated = batch.json()["items"]
+        assert dated["occurred_at"] == "2031-01-01T00:00:00Z"
+        assert undated["occurred_at"] == undated["created_at"]
+        naive = http.post("/v1/memories", json={"content": "x", "occurred_at": "2023-05-07T14:30"})
+        assert "occurred_at" in error_of(naive, 422, "invalid_input")
 
         found = http.post("/v1/memories/search", json={"query": "editor colour theme",
                                                         "top_k": 1})
@@ -58,8 +66,11 @@ def test_every_memory_endpoint(service: Service) -> None:
 
         memory_url = f"/v1/memories/{memory['id']}"
         assert http.get(memory_url).json()["content"] == memory["content"]
-        changed = http.patch(memory_url, json={"content": "Prefers light mode", "tags": []})
+        changed = http.patch(memory_url, json={"content": "Prefers light mode", "tags": [],
+                                               "occurred_at": "2024-02-29T08:00:00Z"})
         assert changed.status_code == 200 and changed.json()["content"] == "Prefers light mode"
+        assert changed.json()["occurred_at"] == "2024-02-29T08:00:00Z"
+        assert http.get(memory_url).json()["occurred_at"] == "2024-02-29T08:00:00Z"
         assert changed.json()["tags"] == []
         assert http.delete(memory_url).json() == {"id": memory["id"], "done": True}
         error_of(http.get(memory_url), 404, "not_found")

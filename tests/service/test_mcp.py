@@ -29,11 +29,15 @@ async def exercise(client: Client, user: str) -> None:
     assert "user_id" not in tools["store_memory"].input_schema["properties"]
     assert "content" in tools["store_memory"].input_schema["required"]
 
+    assert "ISO 8601" in tools["store_memory"].input_schema["properties"]["occurred_at"][
+        "description"]
     stored = await client.call_tool("store_memory", {"content": "Prefers dark mode everywhere",
-                                                     "tags": ["ui"], "key": "theme"})
+                                                     "tags": ["ui"], "key": "theme",
+                                                     "occurred_at": "2023-05-07T14:30:00+02:00"})
     assert not stored.is_error, stored.content
     memory = stored.structured_content["memory"]
     assert memory["user_id"] == user and memory["tags"] == ["ui"]
+    assert memory["occurred_at"] == "2023-05-07T12:30:00Z"
     assert memory["id"] in stored.content[0].text
 
     recalled = await client.call_tool("recall_memory", {"query": "which colour theme?"})
@@ -43,8 +47,10 @@ async def exercise(client: Client, user: str) -> None:
     assert "dark mode" in recalled.content[0].text
 
     updated = await client.call_tool("update_memory", {"memory_id": memory["id"],
-                                                       "content": "Prefers light mode"})
+                                                       "content": "Prefers light mode",
+                                                       "occurred_at": "2024-02-29T08:00:00Z"})
     assert updated.structured_content["memory"]["content"] == "Prefers light mode"
+    assert updated.structured_content["memory"]["occurred_at"] == "2024-02-29T08:00:00Z"
     listed = await client.call_tool("list_memories", {"limit": 5})
     assert [m["id"] for m in listed.structured_content["items"]] == [memory["id"]]
 
@@ -55,6 +61,9 @@ async def exercise(client: Client, user: str) -> None:
     assert missing.is_error and "content" in missing.content[0].text
     wrong_type = await client.call_tool("store_memory", {"content": "x", "importance": "high"})
     assert wrong_type.is_error and "importance" in wrong_type.content[0].text
+    for when in ("last Tuesday", "2023-05-07T14:30:00", "0001-01-01T00:00:00Z"):
+        undated = await client.call_tool("store_memory", {"content": "x", "occurred_at": when})
+        assert undated.is_error and "occurred_at" in undated.content[0].text, when
     nothing = await client.call_tool("delete_memory", {"memory_id": "no-such-memory"})
     assert nothing.is_error and "no memory" in nothing.content[0].text
 

@@ -16,8 +16,9 @@ A dump is what ``export`` writes and ``import`` reads (``transfer.py``)::
 The first line is the header; ``end`` is the last line, so a file cut short is recognised.
 Memories come in every state (soft-deleted and expired ones too) with their ids, timestamps and
 access counts. ``occurred_at`` came with issue 17: a memory line without it (an older dump) is
-read with its ``created_at``, which is what the migration gave the memories stored before. Knowledge documents carry their chunks as stored (the full text is not kept, so
-chunks are not split again). Datetimes are ISO 8601 in UTC. ``embedding`` (present only when the
+read with its ``created_at``, which is what the migration gave the memories stored before.
+Knowledge documents carry their chunks as stored (the full text is not kept, so chunks are not
+split again). Datetimes are ISO 8601 in UTC. ``embedding`` (present only when the
 header's ``with_embeddings`` is true) is the base64 of the little-endian float32 vector: exact and
 a third of the size of decimal numbers. A reader of version ``VERSION`` ignores keys it does not
 know, so a later version can add fields without breaking older readers.
@@ -211,14 +212,14 @@ def _parse_memory(value: Mapping[str, Any], dimension: int | None) -> PortableMe
 def _occurred_at(value: Mapping[str, Any]) -> datetime:
     """``occurred_at`` in ``validation.check_occurred_at``'s range; ``created_at`` if absent."""
     if "occurred_at" not in value:
-        return _time(value, "created_at", "memory")  # type: ignore[no-any-return]
+        return _time(value, "created_at", "memory")
     text = value["occurred_at"]
     moment = _time(value, "occurred_at", "memory")
     if not OCCURRED_AT_MIN <= moment < OCCURRED_AT_END:
         raise InvalidInputError(
             "memory.occurred_at must be an ISO 8601 time with a UTC offset, from 0001-01-02 to "
             f"9999-12-30 in UTC (got {text!r})")
-    return moment  # type: ignore[no-any-return]
+    return moment
 
 
 def _parse_document(value: Mapping[str, Any], dimension: int | None) -> PortableDocument:

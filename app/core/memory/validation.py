@@ -247,6 +247,23 @@ def check_occurred_at(value: Any, name: str = "occurred_at") -> datetime:
     return moment
 
 
+ISO_TIME_RULE = ("an ISO 8601 time with a UTC offset, e.g. 2023-05-07T14:30:00+00:00 or "
+                 "2023-05-07T14:30:00Z")
+
+
+def parse_iso_time(value: Any, name: str) -> datetime:
+    """A time given as text (JSON, a command line, a tool call): ISO 8601 with a UTC offset, as
+    an aware datetime. Text without an offset is refused as ambiguous; the range is left to the
+    verb's own check (``check_occurred_at``)."""
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None or moment.utcoffset() is None:
+        raise _fail(name, ISO_TIME_RULE, value)
+    return moment
+
+
 def check_expiry(ttl: Any, expires_at: Any, now: datetime) -> datetime | None:
     """Turn ``ttl`` (seconds or timedelta, > 0) or ``expires_at`` into an absolute UTC expiry.
 
