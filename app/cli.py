@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--exclude-tag", action="append", dest="exclude_tags",
                         help="must not carry (repeatable)")
     recall.add_argument("--keyword-only", action="store_true", help="no vector search")
+    recall.add_argument("--start", metavar="ISO8601",
+                        help="only what occurred at or after this time, with a UTC offset")
+    recall.add_argument("--end", metavar="ISO8601",
+                        help="only what occurred at or before this time, with a UTC offset")
+    recall.add_argument("--reference-time", metavar="ISO8601",
+                        help="what 'now' is for 'last Friday' in the query (default: now)")
+    recall.add_argument("--context", type=int, default=0, metavar="N",
+                        help="show the N messages before and after each hit in its "
+                             "conversation")
 
     listing = commands.add_parser("list", help="list a user's memories, newest first, a page "
                                                "at a time")
@@ -339,7 +348,9 @@ def _dispatch(driver: BaseMemoryDriver, args: argparse.Namespace) -> int:
         memories = driver.recall(
             args.user_id, args.conversation_id, args.query, args.top_k,
             not args.keyword_only, args.exclude_tags, agent_id=args.agent_id,
-            namespace=args.namespace, tags=args.tags,
+            namespace=args.namespace, tags=args.tags, start=_time_option(args, "start"),
+            end=_time_option(args, "end"),
+            reference_time=_time_option(args, "reference_time"), context=args.context,
         )
         return _emit(args, memories, lambda: _memory_lines(memories))
     if command in ("get", "delete", "restore"):
@@ -661,6 +672,7 @@ def _memory_lines(memories: list[Any]) -> str:
         score = f"{memory['score']:.3f}  " if "score" in memory else ""
         tags = f"  [{', '.join(memory['tags'])}]" if memory["tags"] else ""
         lines.append(f"{score}{memory['id']}  {_shorten(memory['content'])}{tags}")
+        lines += [f"       | {_shorten(near['content'])}" for near in memory.get("context", [])]
     return "\n".join(lines)
 
 
@@ -692,8 +704,13 @@ def _read_source(name: str) -> str:
 
 def _occurred_at(args: argparse.Namespace) -> datetime | None:
     """``--occurred-at`` as a datetime; bad text is ``InvalidInputError`` (one line, exit 2)."""
-    text = args.occurred_at
-    return None if text is None else parse_iso_time(text, "--occurred-at")
+    return _time_option(args, "occurred_at")
+
+
+def _time_option(args: argparse.Namespace, name: str) -> datetime | None:
+    """The ISO 8601 option ``--<name>`` as a datetime; bad text is ``InvalidInputError``."""
+    text = getattr(args, name)
+    return None if text is None else parse_iso_time(text, "--" + name.replace("_", "-"))
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -119,3 +119,26 @@ def test_occurred_at_on_store_and_update(database: Path, capsys: pytest.CaptureF
         assert run(capsys, "update", stored["id"], "--occurred-at", bad)[0] == 2
     code, out, _ = run(capsys, "--json", "list", "alice")
     assert [m["occurred_at"] for m in json.loads(out)["items"]] == ["2023-06-01T00:00:00+00:00"]
+
+
+def test_recall_with_a_time_window_and_context(database: Path,
+                                               capsys: pytest.CaptureFixture[str]):
+    for minute, text in enumerate(["Where shall we go?", "Lisbon, in the spring",
+                                   "Book the flights then"]):
+        run(capsys, "store", "alice", text, "--conversation", "trip",
+            "--occurred-at", f"2024-03-01T09:0{minute}:00Z")
+    run(capsys, "store", "alice", "Lisbon again, later", "--occurred-at", "2024-09-01T09:00:00Z")
+    code, out, _ = run(capsys, "--json", "recall", "alice", "Lisbon", "--keyword-only",
+                       "--start", "2024-01-01T00:00:00Z", "--end", "2024-06-30T00:00:00Z",
+                       "--context", "1")
+    assert code == 0
+    [hit] = json.loads(out)
+    assert hit["content"] == "Lisbon, in the spring"
+    assert [m["content"] for m in hit["context"]] == ["Where shall we go?",
+                                                      "Book the flights then"]
+    code, out, _ = run(capsys, "recall", "alice", "Lisbon", "--keyword-only", "--context", "1")
+    assert code == 0 and "| Where shall we go?" in out
+    code, _, err = run(capsys, "recall", "alice", "x", "--start", "yesterday")
+    assert code == 2 and "--start must be an ISO 8601 time" in err
+    code, _, err = run(capsys, "recall", "alice", "x", "--context", "99")
+    assert code == 2 and "context must be a whole number from 0 to 20" in err
