@@ -55,6 +55,15 @@ def test_every_memory_endpoint(service: Service) -> None:
                                                           "use_vector": False,
                                                           "exclude_tags": ["ui"]})
         assert [m["content"] for m in keyword.json()["results"]] == ["Is allergic to peanuts"]
+        windowed = http.post("/v1/memories/search", json={
+            "query": "editor theme", "start": "2023-01-01T00:00:00Z",
+            "end": "2023-12-31T00:00:00+00:00", "context": 1})
+        assert windowed.status_code == 200, windowed.text
+        assert [(m["id"], m["context"]) for m in windowed.json()["results"]] == [
+            (memory["id"], [])]  # the only memory of 2023, alone in its conversation
+        assert "context" not in results[0]
+        naive = http.post("/v1/memories/search", json={"query": "x", "start": "2023-01-01"})
+        assert "start" in error_of(naive, 422, "invalid_input")
 
         first = http.get("/v1/memories", params={"limit": 2})
         assert first.status_code == 200 and len(first.json()["items"]) == 2

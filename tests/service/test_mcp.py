@@ -45,6 +45,13 @@ async def exercise(client: Client, user: str) -> None:
     results = recalled.structured_content["results"]
     assert [r["id"] for r in results] == [memory["id"]] and results[0]["score"] > 0
     assert "dark mode" in recalled.content[0].text
+    later = await client.call_tool("recall_memory", {"query": "which colour theme?", "context": 2,
+                                                     "start": "2024-01-01T00:00:00Z"})
+    assert not later.is_error and later.structured_content["results"] == []
+    dated = await client.call_tool("recall_memory", {"query": "which colour theme?", "context": 2,
+                                                     "end": "2023-12-31T00:00:00Z"})
+    assert [(r["id"], r["context"]) for r in dated.structured_content["results"]] == [
+        (memory["id"], [])]
 
     updated = await client.call_tool("update_memory", {"memory_id": memory["id"],
                                                        "content": "Prefers light mode",
