@@ -60,7 +60,7 @@ from bench.backends import DRIVERS, open_backend
 from bench.workload import BenchEmbedder, Corpus, base_sentences, make_corpus
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
-VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0)
+VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0, neighbour=0.0)
 LOAD_BATCH = 1_000
 STORE_MANY_TEXTS = 256
 SINGLE_STORES = 20

@@ -46,7 +46,7 @@ from app.core.memory.ranking import FusionWeights
 from bench.backends import open_backend
 from bench.workload import BenchEmbedder, Corpus, base_sentences, make_corpus
 
-VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0)
+VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0, neighbour=0.0)
 TOP_K = 10
 STORE_MANY_TEXTS = 256
 BASELINE_SQL = ("SELECT id FROM memories WHERE user_id = %s "

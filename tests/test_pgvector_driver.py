@@ -25,7 +25,7 @@ from app.core.memory.embeddings import SentenceTransformerEmbedder
 from app.core.memory.ranking import FusionWeights
 from tests.conftest import PG_ADMIN_URL, PROJECT_ROOT
 
-VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0)
+VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0, neighbour=0.0)
 TOPICS = ["cooking dinner", "cycling routes", "database tuning", "piano practice", "gardening",
           "travel plans", "personal finance", "dog training", "film reviews", "home repairs",
           "language learning", "running a marathon"]

@@ -158,7 +158,8 @@ def test_vector_recall_equals_exact_search_over_the_stored_blobs(
 
     # Weights that ignore keywords and importance, so the ranking is the vector ranking alone.
     vector_only = SqliteDriver(path=sqlite_path, embedder=embedder,
-                               weights=FusionWeights(vector=1.0, keyword=0.0, importance=0.0))
+                               weights=FusionWeights(vector=1.0, keyword=0.0, importance=0.0,
+                                                     neighbour=0.0))
     vector_only.recall("user1", query="warm up the copy")
     connection = sqlite3.connect(sqlite_path)
     rows = connection.execute(

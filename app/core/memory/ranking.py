@@ -26,10 +26,10 @@ else 0, so such a query lifts what happened then without hiding the rest.
 
 Neighbours: a memory next to one of the top k hits in its conversation (within
 ``CONTEXT_DISTANCE`` = 2 places, ordered by ``occurred_at`` then storage order; visible and in
-scope) scores at least ``CONTEXT_DECAY`` (0.8) times that hit's score: in a conversation the
-answer is often the turn after the question that matched. Spread from the hits' own scores
-only (no chains). Keyword-only recall (``use_vector=False``) scores the coverage alone (with
-the time term) and returns keyword matches only, so it spreads nothing.
+scope) scores at least ``FusionWeights.neighbour`` (0.8) times that hit's score: in a
+conversation the answer is often the turn after the question that matched. Spread from the
+hits' own scores only (no chains). Keyword-only recall (``use_vector=False``) scores the
+coverage alone (with the time term) and returns keyword matches only, so it spreads nothing.
 
 Order: score, then what occurred last, then the newest stored, then the larger id: a total
 order, so the same query on the same data gives the same list.
@@ -94,16 +94,22 @@ def query_terms(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class FusionWeights:
-    """Weights of the fused score's terms; all non-negative, not all zero."""
+    """Weights of the fused score's terms (non-negative, the first three not all zero), of the
+    time term (``time``) and the share of a hit's score its neighbours get (``neighbour``,
+    0..1; 0 spreads nothing)."""
 
     vector: float = 0.5
     keyword: float = 0.5
     importance: float = 0.05
+    time: float = 0.1
+    neighbour: float = 0.8
 
     def __post_init__(self) -> None:
         terms = (self.vector, self.keyword, self.importance)
         if any(weight < 0 for weight in terms) or sum(terms) <= 0:
             raise ValueError("fusion weights must be non-negative and not all zero")
+        if self.time < 0 or not 0 <= self.neighbour <= 1:
+            raise ValueError("the time weight must be non-negative and neighbour in 0..1")
 
 
 DEFAULT_WEIGHTS = FusionWeights()
@@ -115,12 +121,8 @@ MIN_CANDIDATE_DEPTH = 50
 #: Keyword candidates come only from query terms held by at most this share of the recall's
 #: rows (``KeywordStats.searched``).
 COMMON_TERM_SHARE = 0.1
-#: The weight of the time term (1 when a memory occurred in the window the query names).
-TIME_WEIGHT = 0.1
-#: A neighbour of one of the top k hits (next to it in its conversation) scores at least this
-#: times the hit's score.
-CONTEXT_DECAY = 0.8
-#: How many neighbours on each side of a hit share its score.
+#: How many neighbours on each side of one of the top k hits (next to it in its conversation)
+#: share its score (``FusionWeights.neighbour`` of it).
 CONTEXT_DISTANCE = 2
 
 
@@ -241,15 +243,17 @@ def score_candidates(candidates: Mapping[int, Candidate],
     if window is not None:
         start, end = window.start.timestamp(), window.end.timestamp()
         for pk, score in scores.items():
-            scores[pk] = with_time(score, start <= candidates[pk].occurred_at < end, total)
+            scores[pk] = with_time(score, start <= candidates[pk].occurred_at < end, total,
+                                   weights.time)
     return scores
 
 
-def with_time(score: float, in_window: bool, total: float = 1.0) -> float:
+def with_time(score: float, in_window: bool, total: float = 1.0,
+              weight: float = DEFAULT_WEIGHTS.time) -> float:
     """``score`` (a weighted mean over weights summing to ``total``) with the time term added
-    to the mean: ``TIME_WEIGHT`` times 1 when the memory occurred in the window the query
-    names, else 0. Only queries that name a time have the term."""
-    return (score * total + (TIME_WEIGHT if in_window else 0.0)) / (total + TIME_WEIGHT)
+    to the mean: ``weight`` times 1 when the memory occurred in the window the query names,
+    else 0. Only queries that name a time have the term."""
+    return (score * total + (weight if in_window else 0.0)) / (total + weight)
 
 
 def spread_to_neighbours(scores: dict[int, float], neighbours: Mapping[int, list[int]],

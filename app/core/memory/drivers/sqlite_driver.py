@@ -281,7 +281,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 scores = ranking.score_candidates(candidates, self._weights,
                                                   use_vector=query_vector is not None,
                                                   window=window)
-                if ranking.CONTEXT_DECAY > 0 and scores and query_vector is not None:
+                if self._weights.neighbour > 0 and scores and query_vector is not None:
                     hits = [pk for pk, _ in ranking.order(scores, candidates, top_k)]
                     around = search.neighbours(conn, hits, ranking.CONTEXT_DISTANCE, now)
                     new = [pk for pks in around.values() for pk in pks if pk not in candidates]
@@ -289,7 +289,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                         conn, search.MEMORIES, scope, new)}
                     scores = ranking.spread_to_neighbours(
                         scores, {hit: [pk for pk in pks if pk in candidates]
-                                 for hit, pks in around.items()}, ranking.CONTEXT_DECAY)
+                                 for hit, pks in around.items()}, self._weights.neighbour)
                 ranked = ranking.order(scores, candidates, top_k)
                 rows = self._memory_rows(conn, [pk for pk, _ in ranked])
             around = (search.neighbours(conn, [pk for pk, _ in ranked], when.context, now)
