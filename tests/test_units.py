@@ -12,7 +12,17 @@ from app.core.memory import InvalidInputError
 from app.core.memory.chunking import MAX_WORDS, OVERLAP_WORDS, chunk_text
 from app.core.memory.drivers.sqlite_search import fts_match_expression
 from app.core.memory.embeddings import QueryVectorCache, SentenceTransformerEmbedder
-from app.core.memory.ranking import FusionWeights, fuse, query_terms, rank
+from app.core.memory.ranking import (
+    Candidate,
+    FusionWeights,
+    KeywordStats,
+    fuse,
+    keyword_coverage,
+    order,
+    query_terms,
+    spread_to_neighbours,
+    with_time,
+)
 from app.core.memory.validation import (
     check_expiry,
     check_id,
@@ -103,9 +113,33 @@ def test_fusion_is_a_weighted_mean_in_0_to_1() -> None:
         FusionWeights(vector=0, keyword=0, importance=0)
 
 
-def test_rank_breaks_ties_by_recency() -> None:
-    ranked = rank({"old": 0.5, "new": 0.5, "best": 0.9}, {"old": 1.0, "new": 2.0}, 2)
-    assert ranked == [("best", 0.9), ("new", 0.5)]
+def test_equal_scores_come_in_a_total_order() -> None:
+    candidates = {pk: Candidate(pk, 0.5, recency, memory_id=f"id{pk}", occurred_at=occurred)
+                  for pk, recency, occurred in ((1, 1.0, 5.0), (2, 2.0, 5.0), (3, 2.0, 5.0),
+                                                (4, 9.0, 1.0), (5, 0.0, 0.0))}
+    scores = {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.9}
+    # Best score; then what occurred last; then the newest stored; then the larger id.
+    assert [pk for pk, _ in order(scores, candidates, 5)] == [5, 3, 2, 1, 4]
+
+
+def test_the_time_term_lifts_only_what_occurred_in_the_window() -> None:
+    assert with_time(0.5, True, 1.05, 0.1) == pytest.approx((0.5 * 1.05 + 0.1) / 1.15)
+    assert with_time(0.5, False, 1.05, 0.1) == pytest.approx(0.5 * 1.05 / 1.15)
+    assert with_time(1.0, True, 1.05, 0.1) == pytest.approx(1.0)  # stays within 0..1
+
+
+def test_neighbours_get_a_share_of_their_hit_and_nothing_chains() -> None:
+    spread = spread_to_neighbours({1: 0.9, 2: 0.1, 3: 0.5}, {1: [2, 4], 4: [5]}, 0.8)
+    assert spread == pytest.approx({1: 0.9, 2: 0.72, 3: 0.5, 4: 0.72})  # 4 was no hit: 5 gets 0
+
+
+def test_common_terms_neither_search_nor_weigh_unless_all_are_common() -> None:
+    stats = KeywordStats(100, {"zebra": 3, "work": 40, "nowhere": 0})
+    assert stats.kept() == ["zebra", "nowhere"] and stats.searched() == ["zebra"]
+    assert keyword_coverage(frozenset({"zebra", "work"}), stats.weights()) == pytest.approx(
+        stats.weights()["zebra"] / (stats.weights()["zebra"] + stats.weights()["nowhere"]))
+    common = KeywordStats(100, {"work": 40, "home": 20})
+    assert common.kept() == ["work", "home"] and common.searched() == ["work", "home"]
 
 
 def test_settings_from_environment_and_aliases() -> None:

@@ -58,13 +58,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from app.core.memory.time_phrases import TimeWindow
 
 K = TypeVar("K", bound=Hashable)
+#: ``neighbours_of(hits, distance)``: for each hit's pk, the pks of the visible memories up to
+#: ``distance`` places before and after it in its conversation.
+NeighbourLookup = Callable[[list[int], int], dict[int, list[int]]]
+#: ``details_of(pks)``: those of ``pks`` within the recall's scope, as unscored candidates.
+DetailsLookup = Callable[[list[int]], dict[int, "Candidate"]]
 
 _MAX_QUERY_TERMS = 64
 _TOKEN = re.compile(r"\w+", re.UNICODE)
@@ -153,15 +158,6 @@ def fuse(
         )
         fused[key] = min(1.0, score / total)
     return fused
-
-
-def rank(
-    scores: Mapping[K, float], recency: Mapping[K, float], top_k: int
-) -> list[tuple[K, float]]:
-    """The ``top_k`` best (key, score) pairs, best first; ties go to the larger recency."""
-    ordered = sorted(scores.items(), key=lambda item: (item[1], recency.get(item[0], 0.0)),
-                     reverse=True)
-    return ordered[:top_k]
 
 
 @dataclass
@@ -282,8 +278,22 @@ def order(scores: Mapping[int, float], candidates: Mapping[int, Candidate],
 
 def rank_candidates(candidates: Mapping[int, Candidate], top_k: int,
                     weights: FusionWeights = DEFAULT_WEIGHTS, *,
-                    use_vector: bool = True,
-                    window: TimeWindow | None = None) -> list[tuple[int, float]]:
-    """The ``top_k`` best (pk, score) of ``candidates`` (``score_candidates``, ``order``)."""
+                    use_vector: bool = True, window: TimeWindow | None = None,
+                    neighbours_of: NeighbourLookup | None = None,
+                    details_of: DetailsLookup | None = None) -> list[tuple[int, float]]:
+    """The ``top_k`` best (pk, score) of ``candidates``: ``score_candidates``; then, for a
+    hybrid recall given the driver's lookups, the neighbours of the top k hits (within
+    ``CONTEXT_DISTANCE``, from ``neighbours_of(hits, distance)``; the rows among them that
+    are not candidates yet come from ``details_of(pks)``, which keeps only those in the
+    recall's scope) get ``weights.neighbour`` of their hit's score; then ``order``."""
     scores = score_candidates(candidates, weights, use_vector=use_vector, window=window)
+    if (use_vector and weights.neighbour > 0 and scores and neighbours_of is not None
+            and details_of is not None):
+        hits = [pk for pk, _ in order(scores, candidates, top_k)]
+        around = neighbours_of(hits, CONTEXT_DISTANCE)
+        new = [pk for pks in around.values() for pk in pks if pk not in candidates]
+        candidates = {**candidates, **details_of(new)}
+        scores = spread_to_neighbours(
+            scores, {hit: [pk for pk in pks if pk in candidates] for hit, pks in around.items()},
+            weights.neighbour)
     return order(scores, candidates, top_k)

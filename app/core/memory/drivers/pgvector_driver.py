@@ -300,20 +300,12 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 else:
                     candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,
                                                       query_vector, top_k)
-                    window = window_named_by(text, when.reference_time)
-                    scores = ranking.score_candidates(candidates, self._weights,
-                                                      use_vector=query_vector is not None,
-                                                      window=window)
-                    if self._weights.neighbour > 0 and scores and query_vector is not None:
-                        hits = [pk for pk, _ in ranking.order(scores, candidates, top_k)]
-                        around = _neighbours(conn, hits, ranking.CONTEXT_DISTANCE, now)
-                        new = [pk for pks in around.values() for pk in pks
-                               if pk not in candidates]
-                        candidates = {**candidates, **self._details(conn, scope, params, new)}
-                        scores = ranking.spread_to_neighbours(
-                            scores, {hit: [pk for pk in pks if pk in candidates]
-                                     for hit, pks in around.items()}, self._weights.neighbour)
-                    ranked = ranking.order(scores, candidates, top_k)
+                    ranked = ranking.rank_candidates(
+                        candidates, top_k, self._weights, use_vector=query_vector is not None,
+                        window=window_named_by(text, when.reference_time),
+                        neighbours_of=lambda hits, distance: _neighbours(
+                            conn, hits, distance, now),
+                        details_of=lambda pks: self._details(conn, scope, params, pks))
                 rows = conn.execute(_ACCESS_WRITE, {"pks": [pk for pk, _ in ranked],
                                                     "now": now}).fetchall() if ranked else []
                 around = (_neighbours(conn, [pk for pk, _ in ranked], when.context, now)

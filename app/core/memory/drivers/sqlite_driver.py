@@ -277,20 +277,13 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
                 candidates = self._candidates(conn, search.MEMORIES, scope, text, query_vector,
                                               f"memory:{filters.user_id}", top_k,
                                               (filters.user_id,))
-                window = window_named_by(text, when.reference_time)
-                scores = ranking.score_candidates(candidates, self._weights,
-                                                  use_vector=query_vector is not None,
-                                                  window=window)
-                if self._weights.neighbour > 0 and scores and query_vector is not None:
-                    hits = [pk for pk, _ in ranking.order(scores, candidates, top_k)]
-                    around = search.neighbours(conn, hits, ranking.CONTEXT_DISTANCE, now)
-                    new = [pk for pks in around.values() for pk in pks if pk not in candidates]
-                    candidates = {**candidates, **search.eligible_details(
-                        conn, search.MEMORIES, scope, new)}
-                    scores = ranking.spread_to_neighbours(
-                        scores, {hit: [pk for pk in pks if pk in candidates]
-                                 for hit, pks in around.items()}, self._weights.neighbour)
-                ranked = ranking.order(scores, candidates, top_k)
+                ranked = ranking.rank_candidates(
+                    candidates, top_k, self._weights, use_vector=query_vector is not None,
+                    window=window_named_by(text, when.reference_time),
+                    neighbours_of=lambda hits, distance: search.neighbours(
+                        conn, hits, distance, now),
+                    details_of=lambda pks: search.eligible_details(
+                        conn, search.MEMORIES, scope, pks))
                 rows = self._memory_rows(conn, [pk for pk, _ in ranked])
             around = (search.neighbours(conn, [pk for pk, _ in ranked], when.context, now)
                       if when.context else {})
