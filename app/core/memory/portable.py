@@ -222,6 +222,12 @@ def _occurred_at(value: Mapping[str, Any]) -> datetime:
     return moment
 
 
+def occurred_at_of(memory: PortableMemory) -> datetime:
+    """A record's ``occurred_at``; its ``created_at`` for a record made without one (by code
+    written before issue 17), as ``parse_record`` reads an older dump."""
+    return memory.get("occurred_at") or memory["created_at"]
+
+
 def _parse_document(value: Mapping[str, Any], dimension: int | None) -> PortableDocument:
     title = value.get("title")
     chunks = value.get("chunks")

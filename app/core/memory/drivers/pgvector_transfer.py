@@ -23,6 +23,7 @@ from app.core.memory.portable import (
     PortableMemory,
     PortableRecord,
     PortableUser,
+    occurred_at_of,
 )
 from app.core.memory.records import Memory
 from app.core.memory.reembed import CORPORA, ReembedStart, corpus_table
@@ -141,7 +142,7 @@ def _write_memory(conn: Any, memory: PortableMemory, vector: str,
         memory["namespace"], memory["key"], memory["content"], memory["tags"],
         jsonb(memory["metadata"]), memory["importance"], memory["access_count"],
         memory["last_accessed_at"], memory["expires_at"], memory["deleted_at"],
-        memory["created_at"], memory["updated_at"], memory["occurred_at"], vector))
+        memory["created_at"], memory["updated_at"], occurred_at_of(memory), vector))
     return None
 
 

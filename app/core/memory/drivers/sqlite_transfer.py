@@ -24,6 +24,7 @@ from app.core.memory.portable import (
     PortableMemory,
     PortableRecord,
     PortableUser,
+    occurred_at_of,
 )
 from app.core.memory.records import Memory
 from app.core.memory.reembed import CORPORA, ReembedStart, corpus_table
@@ -129,7 +130,7 @@ def _write_memory(conn: sqlite3.Connection, memory: PortableMemory,
         json.dumps(memory["metadata"]), memory["importance"], memory["access_count"],
         to_epoch(memory["last_accessed_at"]), to_epoch(memory["expires_at"]),
         to_epoch(memory["deleted_at"]), to_epoch(memory["created_at"]),
-        to_epoch(memory["updated_at"]), to_epoch(memory["occurred_at"]), vector_blob(vector)))
+        to_epoch(memory["updated_at"]), to_epoch(occurred_at_of(memory)), vector_blob(vector)))
     return None
 
 
