@@ -45,6 +45,13 @@ class RecallTimeAndContextContract:
         assert {m["id"] for m in driver.recall("alice", query="hiking", start=JUNE)} == {
             made[JUNE]["id"], made[JULY]["id"]}
 
+    def test_without_a_query_what_occurred_last_comes_first(
+            self, driver: BaseMemoryDriver) -> None:
+        july = driver.store("alice", "told in July", occurred_at=JULY)
+        may = driver.store("alice", "told in May, stored last", occurred_at=MAY)
+        june = driver.store("alice", "told in June", occurred_at=JUNE)
+        assert [m["id"] for m in driver.recall("alice")] == [july["id"], june["id"], may["id"]]
+
     def test_bad_time_arguments_are_refused_by_name(self, driver: BaseMemoryDriver) -> None:
         with pytest.raises(InvalidInputError, match="start must not be after end"):
             driver.recall("alice", query="x", start=JULY, end=MAY)

@@ -81,7 +81,8 @@ class BaseMemoryDriver(ABC):
         least ``min_importance``; ``occurred_at`` must lie between ``start`` and ``end`` (aware
         datetimes, both ends included) when they are given.
 
-        Ranking: with no ``query`` (``None`` or blank), newest first, each with ``score`` 1.0.
+        Ranking: with no ``query`` (``None`` or blank), what occurred last first (then the
+        newest stored), each with ``score`` 1.0.
         With ``use_vector=False``, keyword search only (no embedding is computed) and only
         keyword matches are returned. Otherwise hybrid: vector and keyword candidates fused as
         ``ranking.py`` documents. ``score`` is in 0..1, higher is better. Every statistic the

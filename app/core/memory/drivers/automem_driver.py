@@ -281,8 +281,7 @@ class AutomemDriver(BaseMemoryDriver):
                 window is not None and window.holds(memory["occurred_at"]))
             found.append(memory)
             server_of[memory["id"]] = server
-        if text:
-            found.sort(key=lambda m: (m["score"], m["created_at"], m["id"]), reverse=True)
+        found.sort(key=_by_score if text else _latest_first, reverse=True)
         # The server cut its answer at ``limit`` before the checks above: if that may have left
         # memories out, list the user's memories in full (the server cannot page a recall).
         cut = len(results) >= limit or top_k > RECALL_LIMIT
@@ -1015,7 +1014,7 @@ class AutomemDriver(BaseMemoryDriver):
         listed = [m for m in (memory_from_server(s, i) for i, s in servers.items())
                   if m is not None and visible(m, filters, now) and _in_period(m, filters)]
         if not text:
-            listed.sort(key=mapping.micros, reverse=True)
+            listed.sort(key=_latest_first, reverse=True)
             for memory in listed:
                 memory["score"] = 1.0
                 server_of[memory["id"]] = servers[memory["id"]]
@@ -1077,6 +1076,17 @@ def _server_extras(server: dict[str, Any]) -> list[str]:
     """The tags the server added (``entity:...``), kept when the driver rewrites its own."""
     return [tag for tag in server.get("tags") or []
             if isinstance(tag, str) and not tag.startswith(_OURS)]
+
+
+def _by_score(memory: Memory) -> tuple[float, datetime, int, str]:
+    """Recall's order (``ranking.order``'s): score, then what occurred last, then the newest
+    stored, then the larger id."""
+    return memory["score"], *_latest_first(memory)
+
+
+def _latest_first(memory: Memory) -> tuple[datetime, int, str]:
+    """A recall without a query: what occurred last first, then the newest stored."""
+    return memory["occurred_at"], mapping.micros(memory), memory["id"]
 
 
 def _in_period(memory: Memory, filters: RecallFilters) -> bool:

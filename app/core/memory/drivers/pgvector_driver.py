@@ -295,7 +295,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                     # The newest first: picked, counted and returned by one statement.
                     ranked = [(row[0], 1.0) for row in conn.execute(
                         f"SELECT m.pk FROM memories m WHERE {scope} "
-                        "ORDER BY m.created_at DESC, m.pk DESC LIMIT %(limit)s",
+                        "ORDER BY m.occurred_at DESC, m.created_at DESC, m.pk DESC LIMIT %(limit)s",
                         {**params, "limit": top_k}).fetchall()]
                 else:
                     candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,

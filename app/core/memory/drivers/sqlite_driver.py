@@ -269,7 +269,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
             if text is None:
                 rows = conn.execute(
                     f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE {scope.sql} "
-                    "ORDER BY m.created_at DESC, m.pk DESC LIMIT ?",
+                    "ORDER BY m.occurred_at DESC, m.created_at DESC, m.pk DESC LIMIT ?",
                     (*scope.params, top_k),
                 ).fetchall()
                 ranked = [(row["pk"], 1.0) for row in rows]
