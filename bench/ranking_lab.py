@@ -134,6 +134,22 @@ def tokenize(texts: Sequence[str], tokenizer: str) -> list[list[str]]:
     return tokens
 
 
+def tokenize_pg(texts: Sequence[str], dsn: str) -> list[list[str]]:
+    """Each text's lexemes as PostgreSQL's ``to_tsvector('english', ...)`` makes them (each
+    repeated as often as it occurs; order lost). Reads only: no table is made."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT t.n, u.lexeme, cardinality(u.positions) FROM unnest(%s::text[]) "
+            "WITH ORDINALITY AS t (body, n), unnest(to_tsvector('english', t.body)) AS u",
+            (list(texts),)).fetchall()
+    tokens: list[list[str]] = [[] for _ in texts]
+    for number, lexeme, count in rows:
+        tokens[number - 1].extend([lexeme] * max(1, count or 1))
+    return tokens
+
+
 @dataclass
 class Index:
     """Term frequencies of every row; document frequencies over all rows and per user."""
@@ -397,21 +413,29 @@ class Lab:
     windows: list[tuple[datetime, datetime] | None]
 
 
-def open_lab(path: Path, cache: Path) -> Lab:
+def open_lab(path: Path, cache: Path, pg_dsn: str | None = None) -> Lab:
     corpus = build_corpus(path)
     texts = [q["question"] for q in corpus.questions]
     doc_vectors = {name: embedded(getattr(corpus, name), cache, query=False)
                    for name in ("plain", "dated")}
     question_vectors = embedded(texts, cache, query=True)
     tokenizers = {"porter": "porter unicode61", "none": "unicode61"}
-    indexes = {(name, stem): Index.build(tokenize(getattr(corpus, name), tokenizer),
-                                         corpus.user, corpus.spans)
-               for name in ("plain", "dated") for stem, tokenizer in tokenizers.items()}
+    if pg_dsn:
+        tokenizers["pg"] = pg_dsn
+
+    def split(texts: Sequence[str], stem: str) -> list[list[str]]:
+        if stem == "pg":
+            return tokenize_pg(texts, tokenizers[stem])
+        return tokenize(texts, tokenizers[stem])
+
+    indexes = {(name, stem): Index.build(split(getattr(corpus, name), stem), corpus.user,
+                                         corpus.spans)
+               for name in ("plain", "dated") for stem in tokenizers}
     query_tokens = {}
-    for stem, tokenizer in tokenizers.items():
+    for stem in tokenizers:
         words = [query_terms(text) for text in texts]
         distinct = sorted({word for row in words for word in row})
-        tokens = dict(zip(distinct, tokenize(distinct, tokenizer), strict=True))
+        tokens = dict(zip(distinct, split(distinct, stem), strict=True))
         query_tokens[stem] = [[tokens[word] for word in row] for row in words]
     windows_file = cache / "windows.json"
     if windows_file.exists():
@@ -557,6 +581,8 @@ def _variants() -> dict[str, Variant]:
     v["RECOMMENDED keyword-only"] = replace(RECOMMENDED, keyword_only=True)
     v["RECOMMENDED keyword-only, no time/neighbours"] = replace(
         RECOMMENDED, keyword_only=True, boost=0, decay=0)
+    v["RECOMMENDED, PostgreSQL english lexemes (--pg)"] = replace(
+        RECOMMENDED, keyword=replace(IDF, stemmer="pg"))
     v["RECOMMENDED unstemmed"] = replace(RECOMMENDED, keyword=replace(IDF, stemmer="none"))
     v["RECOMMENDED, pg share keyword"] = replace(
         RECOMMENDED, keyword=KeywordSpec("share", "user", None))
@@ -590,14 +616,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated variant names (substrings)")
     parser.add_argument("--list", action="store_true", help="name the variants and stop")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument("--pg", metavar="DSN",
+                        help="also tokenise with PostgreSQL's english configuration (read only)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(VARIANTS))
         return 0
-    lab = open_lab(args.data, args.cache)
+    lab = open_lab(args.data, args.cache, args.pg)
     wanted = [w for w in args.only.split(",") if w]
     chosen = {name: variant for name, variant in VARIANTS.items()
-              if not wanted or any(w in name for w in wanted)}
+              if (not wanted or any(w in name for w in wanted))
+              and (args.pg or variant.keyword.stemmer != "pg")}
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
         results["BM25 baseline"] = bm25_baseline(lab)
