@@ -8,6 +8,7 @@ SQL finds and the scores it gives them, and need vectors whose cosines are known
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
@@ -58,10 +59,14 @@ def test_a_common_word_neither_brings_candidates_nor_counts(driver: PgvectorDriv
     """A word in more than ``COMMON_TERM_SHARE`` of the user's rows is not searched and not
     weighed: a keyword recall for it and a rare word returns the rare word's rows (full
     coverage), not the hundreds that hold only the common one. Asked for the common word
-    alone, it is searched after all, and equal scores come in the total order."""
-    common = driver.store_many([{"user_id": "u", "content": f"common n{i}x"}
+    alone, it is searched after all, and equal scores come in the total order (what occurred
+    last first)."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    common = driver.store_many([{"user_id": "u", "content": f"common n{i}x",
+                                 "occurred_at": start + timedelta(minutes=i)}
                                 for i in range(300)])
-    rare = driver.store_many([{"user_id": "u", "content": f"common rareword r{i}x"}
+    rare = driver.store_many([{"user_id": "u", "content": f"common rareword r{i}x",
+                               "occurred_at": start + timedelta(days=1, minutes=i)}
                               for i in range(3)])
 
     both = driver.recall("u", query="common rareword", use_vector=False, top_k=10)

@@ -214,11 +214,12 @@ class KeywordStats:
 
 
 def keyword_coverage(terms: frozenset[str] | set[str], weights: Mapping[str, float]) -> float:
-    """The share of the query's weight (its terms' idf) that a row holding ``terms`` covers."""
+    """The share of the query's weight (its kept terms' idf) that a row holding ``terms``
+    covers (summed in the query's order, so every driver adds the same numbers alike)."""
     total = sum(weights.values())
     if total <= 0:
         return 0.0
-    return min(1.0, sum(weights[term] for term in terms if term in weights) / total)
+    return min(1.0, sum(weight for term, weight in weights.items() if term in terms) / total)
 
 
 # -- ranking -----------------------------------------------------------------------------------

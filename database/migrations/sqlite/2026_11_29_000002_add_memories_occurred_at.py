@@ -8,7 +8,10 @@ default.
 
 Indexes: (user_id, conversation_id, occurred_at) serves a conversation's memories in time order
 (the neighbours of a recalled memory) and replaces ``memories_user_conversation``, its prefix;
-(user_id, occurred_at) serves a time window over all of a user's memories.
+(user_id, occurred_at) serves a time window over all of a user's memories. (user_id,
+deleted_at, expires_at) lets recall count a user's visible memories from the index alone (the
+user's own keyword statistics, ``ranking.KeywordStats``): read from the rows, that count took
+~10 ms at 10k memories, more than the rest of the recall.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ def up(db: Any) -> None:
     db.execute("CREATE INDEX memories_user_conversation_occurred "
                "ON memories (user_id, conversation_id, occurred_at)")
     db.execute("CREATE INDEX memories_user_occurred ON memories (user_id, occurred_at)")
+    db.execute("CREATE INDEX memories_user_visible ON memories (user_id, deleted_at, expires_at)")
 
 
 def down(db: Any) -> None:
+    db.execute("DROP INDEX IF EXISTS memories_user_visible")
     db.execute("DROP INDEX IF EXISTS memories_user_occurred")
     db.execute("DROP INDEX IF EXISTS memories_user_conversation_occurred")
     db.execute("CREATE INDEX IF NOT EXISTS memories_user_conversation "

@@ -944,7 +944,7 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
     Its rows: (pk, importance, recency, cosine, public id, occurred, the 1-based indexes of
     ``terms`` the row holds, the scope's row count, each term's row count in the scope). The
     keyword side takes the rows holding a searched term (``ranking.KeywordStats.searched``,
-    the same rule in SQL) with the best idf-weighted coverage, ties in ranking's order.
+    the same rule in SQL) with the best idf-weighted coverage, ties to the newest stored.
     """
     depth = ranking.candidate_depth(top_k)
     values = {**params, "terms": terms, "depth": depth, "exact_max": exact_max,
@@ -974,9 +974,8 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         "(SELECT 1 FROM rare) ORDER BY n, word LIMIT 1)) AS chosen)",
         f"keyword AS (SELECT m.pk FROM {corpus.source}, searched "
         f"WHERE m.content_tsv @@ searched.tsq AND {scope} "
-        # Equal coverages in ranking's total order (``ranking.order``).
-        f"ORDER BY {coverage} DESC, {corpus.occurred} DESC, {corpus.recency} DESC, "
-        f"({corpus.public_id}) COLLATE \"C\" DESC LIMIT %(depth)s)",
+        # Equal coverages: the newest stored first (as on SQLite).
+        f"ORDER BY {coverage} DESC, m.pk DESC LIMIT %(depth)s)",
     ]
     union = "SELECT pk FROM keyword"
     cosine = "0.0::float8"
