@@ -8,7 +8,11 @@ rows whose new version does not fit their page): on a large table run it when wr
 
 Indexes: (user_id, conversation_id, occurred_at) serves a conversation's memories in time order
 (the neighbours of a recalled memory) and replaces ``memories_user_conversation``, its prefix;
-(user_id, occurred_at) serves a time window over all of a user's memories.
+(user_id, occurred_at) serves a time window over all of a user's memories. (user_id,
+deleted_at, expires_at) lets recall count a user's visible memories with an index-only scan
+(the user's own keyword statistics, ``ranking.KeywordStats``): read from the table, the count
+was a sequential scan of ~20 ms at 10k memories, more than the rest of the recall. Recall's
+access-count write touches none of these columns, so it stays a HOT update.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ def up(db: Any) -> None:
     db.execute("CREATE INDEX memories_user_conversation_occurred "
                "ON memories (user_id, conversation_id, occurred_at)")
     db.execute("CREATE INDEX memories_user_occurred ON memories (user_id, occurred_at)")
+    db.execute("CREATE INDEX memories_user_visible ON memories (user_id, deleted_at, expires_at)")
 
 
 def down(db: Any) -> None:
+    db.execute("DROP INDEX IF EXISTS memories_user_visible")
     db.execute("DROP INDEX IF EXISTS memories_user_occurred")
     db.execute("DROP INDEX IF EXISTS memories_user_conversation_occurred")
     db.execute("CREATE INDEX IF NOT EXISTS memories_user_conversation "
