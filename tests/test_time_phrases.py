@@ -56,6 +56,8 @@ def test_the_window_each_phrase_names(query: str, start: datetime | None,
     "we should talk",
     "Prefers dark mode",
     "version 2.0 of the report",
+    "piano lessons on Tuesdays",
+    "the mayday parade",
 ])
 def test_queries_without_a_time_name_none(query: str) -> None:
     assert window_named_by(query, REFERENCE) is None

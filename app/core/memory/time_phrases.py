@@ -45,7 +45,8 @@ _MONTH = rf"(?:{_MONTHS})\.?"
 #: The phrases that name a time. Order matters: longer forms first, so "8 May, 2023" is one
 #: phrase, not "8 May" and "2023".
 _PHRASE = re.compile(
-    "|".join([
+    # Whole words only: "on Tuesdays" is a habit, not a day.
+    r"(?<!\w)(?:" + "|".join([
         rf"(?P<relative_to>the (?:day|week|month|weekend) (?:before|after) "
         rf"(?:{_ORDINAL} (?:of )?{_MONTH},? {_YEAR}|{_MONTH} {_ORDINAL},? {_YEAR}))",
         rf"{_ORDINAL} (?:of )?{_MONTH},? {_YEAR}",
@@ -59,7 +60,7 @@ _PHRASE = re.compile(
         rf"(?:last|this|next) (?:week|month|year|weekend|{_DAYS})",
         r"yesterday|today|tonight|this morning|this afternoon|this evening|last night",
         rf"(?:on )?(?:{_DAYS})",
-    ]),
+    ]) + r")(?!\w)",
     re.IGNORECASE,
 )
 
