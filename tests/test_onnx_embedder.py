@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from app.core.memory.embeddings import (
     model_source,
 )
 from app.core.memory.errors import MissingDependencyError
+from app.core.memory.long_texts import WholeTextEmbedder
 from app.core.memory.onnx_embedder import MODEL_FILE, OnnxEmbedder, model_folder
 from app.core.memory.onnx_export import prepare
 from config.settings import Settings, SettingsError, reset_settings
@@ -110,7 +112,7 @@ def test_a_process_storing_and_recalling_with_onnx_never_imports_torch(
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
         "               ('torch', 'sentence_transformers', 'transformers'))\n"
         "print(json.dumps({'top': found[0]['content'], 'heavy': heavy,\n"
-        "                  'embedder': type(driver.embedder).__name__}))\n"
+        "                  'embedder': type(driver.embedder.inner).__name__}))\n"
     )
     env = dict(os.environ, MEMORY_SQLITE_PATH=str(path), MEMORY_DRIVER="sqlite",
                MEMORY_EMBEDDING_BACKEND="onnx", MEMORY_MODEL_DIR=str(prepared_folder.parent))
@@ -219,19 +221,26 @@ def test_a_model_folder_that_cannot_be_exported_is_an_error_not_a_traceback(
     assert "Traceback" not in err and not model_folder(str(broken)).exists()
 
 
+def _backend_of(embedder: Any) -> Any:
+    """The backend's embedder inside the process-wide one (a ``WholeTextEmbedder``)."""
+    assert isinstance(embedder, WholeTextEmbedder)
+    return embedder.inner
+
+
 def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
         own_model_dir: Path, prepared_folder: Path, monkeypatch: pytest.MonkeyPatch):
-    assert isinstance(get_default_embedder(), SentenceTransformerEmbedder)  # auto, none here
+    assert isinstance(_backend_of(get_default_embedder()), SentenceTransformerEmbedder)  # none
     shutil.copytree(prepared_folder, model_folder(DEFAULT_MODEL))
-    assert isinstance(get_default_embedder(), OnnxEmbedder)  # auto, now prepared
-    assert isinstance(get_default_embedder(backend="torch"), SentenceTransformerEmbedder)
+    assert isinstance(_backend_of(get_default_embedder()), OnnxEmbedder)  # auto, now prepared
+    assert isinstance(_backend_of(get_default_embedder(backend="torch")),
+                      SentenceTransformerEmbedder)
     monkeypatch.setenv("MEMORY_EMBEDDING_BACKEND", "torch")
     monkeypatch.setenv("MEMORY_EMBEDDING_THREADS", "2")
     reset_settings()
-    assert isinstance(get_default_embedder(), SentenceTransformerEmbedder)
+    assert isinstance(_backend_of(get_default_embedder()), SentenceTransformerEmbedder)
     monkeypatch.setenv("MEMORY_EMBEDDING_BACKEND", "ONNX")
     reset_settings()
-    onnx = get_default_embedder()
+    onnx = _backend_of(get_default_embedder())
     assert isinstance(onnx, OnnxEmbedder)
     onnx.embed_query("threads")
     assert onnx._loaded().session.get_session_options().intra_op_num_threads == 2

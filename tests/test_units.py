@@ -187,3 +187,25 @@ def test_every_variable_of_env_example_is_a_setting() -> None:
         except SettingsError:
             continue  # a variable of fixed choices refused "7": it is read
         assert changed != defaults, f"{name} in .env.example is not read by Settings"
+
+
+def test_readme_lists_every_input_limit() -> None:
+    # The README's table of input limits must follow validation.py when a limit changes.
+    from app.core.memory import reembed, validation
+    from tests.conftest import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Input limits", 1)[1].split("\n### ", 1)[0]
+    limits = {
+        "MAX_CONTENT_CHARS": "1-{:,} characters", "MAX_QUERY_CHARS": "at most {:,} characters",
+        "MAX_KNOWLEDGE_CHARS": "1-{:,} characters", "MAX_TITLE_CHARS": "at most {:,} characters",
+        "MAX_TAGS": "at most {} tags", "MAX_TAG_CHARS": "each 1-{} characters",
+        "MAX_METADATA_BYTES": "at most {:,} bytes", "MAX_PROFILE_BYTES": "at most {:,} bytes",
+        "MAX_JSON_DEPTH": "nested at most {} dicts", "MAX_TOP_K": "from 1 to {:,}",
+        "MAX_PAGE_SIZE": "from 1 to {:,}", "MAX_BATCH": "at most {:,} dicts",
+    }
+    for name, phrase in limits.items():
+        assert phrase.format(getattr(validation, name)) in section, name
+    assert f"`{validation.ID_PATTERN.pattern}`" in section
+    assert f"from 1 to {reembed.MAX_BATCH_SIZE:,}" in section
+    assert f"{validation.MAX_TTL_SECONDS:,} s" in section

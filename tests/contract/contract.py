@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from app.core.memory import BackendUnavailableError, BaseMemoryDriver, InvalidInputError
+from tests.long_memory import EARLY_QUERY, LATE_QUERY, LONG_MEMORY, UNRELATED
 
 FTS_HOSTILE_QUERIES = ['"', '"unclosed', "*", "-", "NEAR", "OR", "AND NOT", "( )", "a:b", "^x",
                        "NEAR(a b, 2)", "'; DROP TABLE memories; --", "🙂 ünïcödé", "\\"]
@@ -91,6 +92,19 @@ class MemoryDriverContract:
         driver.store("alice", "Has two cats called Miso and Tofu")
         results = driver.recall("alice", query="user interface theme", top_k=1)
         assert results[0]["content"] == "Prefers dark mode in every editor"
+
+    def test_recall_finds_a_fact_at_the_end_of_a_long_memory(
+        self, driver: BaseMemoryDriver
+    ) -> None:
+        # The model reads 256 tokens; this memory has ~600 and its fact is in the last ones.
+        # Embedded in part, it ranked second, below an unrelated memory.
+        self.needs_meaning()
+        long = driver.store("alice", LONG_MEMORY)
+        driver.store_many([{"user_id": "alice", "content": text} for text in UNRELATED])
+        for query in (LATE_QUERY, EARLY_QUERY):
+            results = driver.recall("alice", query=query, top_k=3)
+            assert [m["content"][:40] for m in results][0] == LONG_MEMORY[:40], query
+            assert results[0]["id"] == long["id"]
 
     def test_recall_without_query_lists_newest_first(self, driver: BaseMemoryDriver) -> None:
         stored = [driver.store("alice", f"note {i}") for i in range(4)]

