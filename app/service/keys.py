@@ -118,19 +118,31 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-def authenticate(store: KeyStore, authorization: str | None) -> Principal:
-    """The ``Principal`` of the key in an ``Authorization`` header value.
-
-    ``Unauthorized`` for no key, a malformed one, or one unknown or revoked (revocation takes
-    effect on the next request: nothing is cached).
-    """
+def presented_key_hash(authorization: str | None) -> str:
+    """The hash of the key in an ``Authorization`` header value, what the store looks up;
+    ``Unauthorized`` for no key or one that cannot be a key (before anything is looked up)."""
     token = bearer_token(authorization)
     if len(token) > _MAX_KEY_CHARS or not token.startswith(KEY_PREFIX):
         raise Unauthorized("unknown or revoked API key")
-    record = store.find_active(hash_key(token))
+    return hash_key(token)
+
+
+def principal_of(store: KeyStore, key_hash: str) -> Principal:
+    """The ``Principal`` of the active key with hash ``key_hash``; ``Unauthorized`` if it is
+    unknown or revoked (this reads the store: a revocation counts from the next call)."""
+    record = store.find_active(key_hash)
     if record is None:
         raise Unauthorized("unknown or revoked API key")
     return Principal(key_id=record.id, user_id=record.user_id, is_admin=record.is_admin)
+
+
+def authenticate(store: KeyStore, authorization: str | None) -> Principal:
+    """The ``Principal`` of the key in an ``Authorization`` header value.
+
+    ``Unauthorized`` for no key, a malformed one, or one unknown or revoked (the store is read
+    on every call; the HTTP service remembers active keys briefly, see ``ServiceState``).
+    """
+    return principal_of(store, presented_key_hash(authorization))
 
 
 def key_summary(record: ApiKey) -> dict[str, object]:
@@ -149,4 +161,5 @@ def key_summary(record: ApiKey) -> dict[str, object]:
 __all__ = [
     "KEY_PREFIX", "OPERATOR", "AuthError", "Forbidden", "InvalidInputError", "Principal",
     "Unauthorized", "authenticate", "bearer_token", "create_key", "hash_key", "key_summary",
+    "presented_key_hash", "principal_of",
 ]

@@ -3,10 +3,12 @@ endpoint, the key rules (401/403/404), the error shape and the body limit."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 
+from app.service.http_api import KEY_CACHE_SECONDS
 from tests.service.conftest import Service, unique
 
 
@@ -163,6 +165,16 @@ def test_keys_decide_who_may_do_what(service: Service) -> None:
     assert service.store.revoke(service.key_ids[revoked_user])
     with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {key}"}) as gone:
         error_of(gone.get("/v1/memories"), 401, "unauthorized")
+    # A key in use, revoked by another process (`keys revoke`): refused once the server's memory
+    # of active keys has lapsed (KEY_CACHE_SECONDS). Revoking through the API is immediate (the
+    # erin key in test_knowledge_stats_and_keys).
+    used_user = unique("gina")
+    key = service.add_key(used_user, used_user)
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {key}"}) as used:
+        assert used.get("/v1/memories").status_code == 200
+        assert service.store.revoke(service.key_ids[used_user])
+        time.sleep(KEY_CACHE_SECONDS + 0.2)
+        error_of(used.get("/v1/memories"), 401, "unauthorized")
 
     with service.client("alice") as alice:
         # Naming another user: 403. Another user's memory by id: 404, as if it did not exist.
