@@ -32,12 +32,19 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   up to 1.1-1.6 s late. In a child process the load and every encode run beside the loop, and
   concurrent queries are encoded together in batches. Installed as the process-wide embedder on
   the first ``get_async_memory_driver`` call, unless a model is loaded in this process already.
-  Loop lag with all of this (cold process, 100 recalls and 10 store_many at once): p99 16-28 ms,
-  max 73-139 ms, against 17-57 ms for the same ticker with nothing running, on a machine shared
-  with other busy processes; what is left is the worker threads' Python and the scheduler.
+  The child runs at a lower CPU priority (``embed_process.CHILD_NICENESS``).
+- **Worker threads started with the driver**, not by the first burst of calls (see
+  ``_start_all_workers``).
 - **Validation on the loop** before dispatch (the same ``validation.py`` checks the drivers run
   again): bad input fails at once instead of queueing behind busy workers. A ``store_many`` of
   more than ``PRECHECK_MAX_ITEMS`` items is checked on its worker only (~60 us an item).
+
+Loop lag (cold process, 100 recalls and 10 store_many at once, first embedding included; a
+5 ms ticker): p50 0.2 ms, max 17-21 ms on a 2-core machine shared with other busy processes.
+Measured from ``/proc/thread-self/schedstat``, nearly all of what is left is the loop's thread
+waiting for a CPU (run-queue wait); the lateness this process causes itself (the GIL, the
+loop's own dispatching) stays at 5-11 ms. Before the workers started early, the first burst
+alone kept the loop 28-40 ms (8 thread starts, each waiting for a CPU and the GIL).
 
 Cancellation: a call that has not started on a worker yet never runs. A call that has started
 (a transaction under way) cannot be stopped half-way from outside, so it runs to its end (the
@@ -109,6 +116,7 @@ class AsyncMemoryDriver:
                                             thread_name_prefix=f"memory-{driver.name}")
         self._closed = False
         self._close_lock = threading.Lock()
+        _start_all_workers(self._executor, self.max_workers)
 
     # -- running a sync verb off the loop --------------------------------------------------------
 
@@ -455,6 +463,24 @@ _EXPORT_BATCH = 256
 #: Largest store_many batch checked on the loop before dispatch: checking costs ~60 us an item
 #: here (measured), so 64 items stay within a few milliseconds of the loop's time.
 PRECHECK_MAX_ITEMS = 64
+
+
+def _start_all_workers(executor: ThreadPoolExecutor, count: int) -> None:
+    """Start every worker thread of ``executor`` now, not on the first calls.
+
+    ``ThreadPoolExecutor`` starts a thread inside ``submit`` when none is idle, and
+    ``Thread.start`` blocks until the new thread has run. Under a burst (``asyncio.gather`` of
+    many calls) that is up to ``count`` waits on the loop, each for a CPU and the GIL while the
+    workers started before it run: measured, the first burst of ``bench.aio`` kept the loop
+    busy 28-40 ms, against 5-22 ms (mostly waiting for a CPU) with the threads started here,
+    where nothing competes yet.
+    Each task waits on ``gate`` until all are submitted, so each gets a thread of its own.
+    """
+    gate = threading.Event()
+    started = [executor.submit(gate.wait) for _ in range(count)]
+    gate.set()
+    for future in started:
+        future.result()
 
 
 def default_workers(driver_name: str) -> int:

@@ -16,6 +16,7 @@ ends when this process closes the socket or exits. If it dies, the calls waiting
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -202,6 +203,7 @@ def serve(fd: int, model_name: str, backend: str) -> None:
     The model runs on ``backend`` with the settings the child inherits from the parent's
     environment (batch size, threads), so the onnx backend keeps torch out of the child too."""
     connection = Connection(fd)
+    _lower_priority()
     embedder = build_embedder(model_name, backend, query_cache_size=0)
     while True:
         try:
@@ -219,6 +221,22 @@ def serve(fd: int, model_name: str, backend: str) -> None:
             connection.send(reply)
         except (EOFError, OSError):
             return
+
+
+def _lower_priority() -> None:
+    """Run the model at a lower CPU priority (``CHILD_NICENESS``) than the parent process.
+
+    Encoding is throughput work that keeps a core busy; the parent's event loop is latency
+    work that needs a core for a few microseconds at a time. At the same priority the loop
+    waited in the run queue behind the encoder on a busy machine (measured in ``bench.aio``
+    from ``/proc/thread-self/schedstat``: nearly all of the loop's lateness was run-queue wait,
+    not the GIL). Only this child is affected, never the host program's own threads."""
+    with contextlib.suppress(OSError):  # not permitted here: the parent's priority, then
+        os.nice(CHILD_NICENESS)
+
+
+#: How much lower (``nice`` increment) the child's CPU priority is than its parent's.
+CHILD_NICENESS = 10
 
 
 if __name__ == "__main__":
