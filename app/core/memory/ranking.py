@@ -177,6 +177,8 @@ class Candidate:
     memory_id: str = ""
     occurred_at: float = 0.0
     terms: frozenset[str] = frozenset()
+    #: Whether it belongs to a conversation (only then can it have neighbours).
+    in_conversation: bool = False
 
 
 # -- keyword statistics: one user's own ----------------------------------------------------------
@@ -290,8 +292,9 @@ def rank_candidates(candidates: Mapping[int, Candidate], top_k: int,
     scores = score_candidates(candidates, weights, use_vector=use_vector, window=window)
     if (use_vector and weights.neighbour > 0 and scores and neighbours_of is not None
             and details_of is not None):
-        hits = [pk for pk, _ in order(scores, candidates, top_k)]
-        around = neighbours_of(hits, CONTEXT_DISTANCE)
+        hits = [pk for pk, _ in order(scores, candidates, top_k)
+                if candidates[pk].in_conversation]
+        around = neighbours_of(hits, CONTEXT_DISTANCE) if hits else {}
         new = [pk for pks in around.values() for pk in pks if pk not in candidates]
         candidates = {**candidates, **details_of(new)}
         scores = spread_to_neighbours(

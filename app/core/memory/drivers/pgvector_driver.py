@@ -300,12 +300,14 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 else:
                     candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,
                                                       query_vector, top_k)
+                    # The neighbours' details come with them, in the same statement.
+                    nearby: dict[int, ranking.Candidate] = {}
                     ranked = ranking.rank_candidates(
                         candidates, top_k, self._weights, use_vector=query_vector is not None,
                         window=window_named_by(text, when.reference_time),
                         neighbours_of=lambda hits, distance: _neighbours(
-                            conn, hits, distance, now),
-                        details_of=lambda pks: self._details(conn, scope, params, pks))
+                            conn, hits, distance, now, (scope, params), nearby),
+                        details_of=lambda pks: {pk: nearby[pk] for pk in pks if pk in nearby})
                 rows = conn.execute(_ACCESS_WRITE, {"pks": [pk for pk, _ in ranked],
                                                     "now": now}).fetchall() if ranked else []
                 around = (_neighbours(conn, [pk for pk, _ in ranked], when.context, now)
@@ -855,25 +857,12 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         stats = ranking.KeywordStats(int(rows[0][7]), dict(zip(terms, rows[0][8], strict=True)))
         weights = stats.weights()
         candidates = {}
-        for pk, importance, recency, cosine, public_id, occurred, held, *_ in rows:
+        for pk, importance, recency, cosine, public_id, occurred, held, _, _, talk in rows:
             held_terms = frozenset(terms[i - 1] for i in held)
             candidates[pk] = ranking.Candidate(
                 pk, importance, recency, cosine, ranking.keyword_coverage(held_terms, weights),
-                public_id, occurred, held_terms)
+                public_id, occurred, held_terms, talk)
         return candidates
-
-    def _details(self, conn: Any, scope: str, params: dict[str, Any],
-                 pks: list[int]) -> dict[int, ranking.Candidate]:
-        """Those of ``pks`` within ``scope``, as candidates without scores (context spread)."""
-        if not pks:
-            return {}
-        rows = conn.execute(
-            f"SELECT m.pk, m.importance, EXTRACT(EPOCH FROM m.created_at)::float8, m.id, "
-            f"EXTRACT(EPOCH FROM m.occurred_at)::float8 FROM memories m "
-            f"WHERE m.pk = ANY(%(wanted)s) AND {scope}", {**params, "wanted": pks}).fetchall()
-        return {pk: ranking.Candidate(pk, importance, recency, memory_id=public_id,
-                                      occurred_at=occurred)
-                for pk, importance, recency, public_id, occurred in rows}
 
     def explain_recall(self, user_id: str, text: str, query_vector: np.ndarray | None,
                        top_k: int) -> tuple[str, dict[str, Any]]:
@@ -893,24 +882,23 @@ _BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
 class _Corpus:
     """What differs between searching memories and knowledge chunks (constant SQL only).
 
-    ``population`` is the FROM clause whose size picks exact search or the index;
-    ``public_id`` and ``occurred`` are a row's id (the last tie-breaker) and its time.
+    ``public_id``, ``occurred`` and ``in_conversation`` are a row's id (the last tie-breaker),
+    its time and whether it belongs to a conversation.
     """
 
-    def __init__(self, table: str, source: str, population: str, columns: str,
-                 importance: str, recency: str, public_id: str, occurred: str) -> None:
-        self.table, self.source, self.population = table, source, population
-        self.columns, self.importance, self.recency = columns, importance, recency
-        self.public_id, self.occurred = public_id, occurred
+    def __init__(self, table: str, source: str, columns: str, importance: str, recency: str,
+                 public_id: str, occurred: str, in_conversation: str) -> None:
+        self.table, self.source, self.columns = table, source, columns
+        self.importance, self.recency = importance, recency
+        self.public_id, self.occurred, self.in_conversation = public_id, occurred, in_conversation
 
 
-_MEMORIES = _Corpus("memories", "memories m", "memories WHERE user_id = %(user_id)s",
-                    _MEMORY_COLUMNS, "m.importance", "m.created_at", "m.id", "m.occurred_at")
+_MEMORIES = _Corpus("memories", "memories m", _MEMORY_COLUMNS, "m.importance", "m.created_at",
+                    "m.id", "m.occurred_at", "m.conversation_id IS NOT NULL")
 _KNOWLEDGE = _Corpus(
     "knowledge_chunks", "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
-    "knowledge_chunks",
     "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
-    "0.5", "d.updated_at", "d.doc_id || '#' || m.chunk_index", "d.updated_at",
+    "0.5", "d.updated_at", "d.doc_id || '#' || m.chunk_index", "d.updated_at", "FALSE",
 )
 
 #: Recall's access-count write: locks the chosen rows in primary-key order (concurrent
@@ -942,7 +930,8 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
     """The candidate statement and its parameters.
 
     Its rows: (pk, importance, recency, cosine, public id, occurred, the 1-based indexes of
-    ``terms`` the row holds, the scope's row count, each term's row count in the scope). The
+    ``terms`` the row holds, the scope's row count, each term's row count in the scope,
+    whether it belongs to a conversation). The
     keyword side takes the rows holding a searched term (``ranking.KeywordStats.searched``,
     the same rule in SQL) with the best idf-weighted coverage, ties to the newest stored.
     """
@@ -952,18 +941,17 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
     coverage = ("(SELECT COALESCE(sum(w.idf), 0) FROM weighted w "
                 "WHERE m.content_tsv @@ w.tsq) / NULLIF((SELECT sum(idf) FROM weighted), 0)")
     parts = [
-        # The scope's size, counted up to exact_max + 1 from an index alone (every row of the
-        # user, in any state: counting only the visible ones would visit each row's page).
-        # It also applies the statement's settings (see the module docstring): every branch
-        # reads "sized" before it starts, and pgvector reads its settings when a scan starts.
-        "sized AS (SELECT COUNT(*) AS n, set_config('hnsw.ef_search', %(ef_search)s, true) "
-        "|| set_config('hnsw.iterative_scan', 'strict_order', true) AS settings "
-        f"FROM (SELECT 1 FROM {corpus.population} LIMIT %(exact_max)s + 1) AS scoped)",
+        # The scope's size (the keyword statistics' N, and what picks exact search or the
+        # index), counted from the (user_id, deleted_at, expires_at) index alone. It also
+        # applies the statement's settings (see the module docstring): every branch reads
+        # "total" before it starts, and pgvector reads its settings when a scan starts.
+        f"total AS (SELECT COUNT(*)::float8 AS n, set_config('hnsw.ef_search', "
+        "%(ef_search)s, true) || set_config('hnsw.iterative_scan', 'strict_order', true) "
+        f"AS settings FROM {corpus.source} WHERE {scope})",
         # Each query term as the stemmed tsquery the index matches.
         "q AS (SELECT t.i::int AS i, t.word, plainto_tsquery('english', t.word) AS tsq "
         "FROM unnest(%(terms)s::text[]) WITH ORDINALITY AS t (word, i))",
-        # The scope's own statistics: its rows, and how many of them hold each term.
-        f"total AS (SELECT COUNT(*)::float8 AS n FROM {corpus.source} WHERE {scope})",
+        # How many of the scope's rows hold each term.
         "weighted AS (SELECT q.i, q.word, q.tsq, c.n, ln(1 + ((SELECT n FROM total) - c.n "
         "+ 0.5) / (c.n + 0.5)) AS idf FROM q CROSS JOIN LATERAL (SELECT COUNT(*)::float8 AS n "
         f"FROM {corpus.source} WHERE m.content_tsv @@ q.tsq AND {scope}) AS c)",
@@ -984,10 +972,10 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         parts += [
             # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
             f"exact AS (SELECT m.pk FROM {corpus.source} WHERE "
-            "(SELECT n <= %(exact_max)s FROM sized) "
+            "(SELECT n <= %(exact_max)s FROM total) "
             f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 LIMIT %(depth)s)",
             f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE "
-            "(SELECT n > %(exact_max)s FROM sized) "
+            "(SELECT n > %(exact_max)s FROM total) "
             f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
         ]
         union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
@@ -998,33 +986,43 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
         f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
         "ARRAY(SELECT w.i FROM weighted w WHERE m.content_tsv @@ w.tsq ORDER BY w.i), "
-        "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i) "
-        f"FROM candidates c JOIN {corpus.source} ON m.pk = c.pk"
+        "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i), "
+        f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk"
     )
     return sql, values
 
 
-def _neighbours(conn: Any, hits: list[int], count: int, now: datetime) -> dict[int, list[int]]:
+def _neighbours(conn: Any, hits: list[int], count: int, now: datetime,
+                scope: tuple[str, dict[str, Any]] | None = None,
+                details: dict[int, ranking.Candidate] | None = None) -> dict[int, list[int]]:
     """For each memory of ``hits``, the ``count`` visible memories before and after it in its
     conversation (same user and conversation, by ``occurred_at`` then storage order), in that
-    order. A memory without a conversation has none."""
+    order. A memory without a conversation has none. With ``scope`` (a WHERE clause over ``m``
+    and its parameters), the neighbours within it are put in ``details`` as unscored
+    candidates, read by the same statement."""
     if not hits:
         return {}
     same = ("m.user_id = h.user_id AND m.conversation_id = h.conversation_id "
             "AND m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > %(now)s)")
+    where, params = scope or ("TRUE", {})
     rows = conn.execute(
-        "SELECT h.pk, n.pk, n.side FROM memories h CROSS JOIN LATERAL ("
-        f"(SELECT m.pk, -1 AS side, m.occurred_at FROM memories m WHERE {same} "
-        "AND (m.occurred_at, m.pk) < (h.occurred_at, h.pk) "
+        "SELECT h.pk, n.pk, n.importance, EXTRACT(EPOCH FROM n.created_at)::float8, n.id, "
+        "EXTRACT(EPOCH FROM n.occurred_at)::float8, n.in_scope "
+        "FROM memories h CROSS JOIN LATERAL ("
+        f"(SELECT m.pk, m.importance, m.created_at, m.id, m.occurred_at, ({where}) AS in_scope "
+        f"FROM memories m WHERE {same} AND (m.occurred_at, m.pk) < (h.occurred_at, h.pk) "
         "ORDER BY m.occurred_at DESC, m.pk DESC LIMIT %(count)s) UNION ALL "
-        f"(SELECT m.pk, 1 AS side, m.occurred_at FROM memories m WHERE {same} "
-        "AND (m.occurred_at, m.pk) > (h.occurred_at, h.pk) "
+        f"(SELECT m.pk, m.importance, m.created_at, m.id, m.occurred_at, ({where}) AS in_scope "
+        f"FROM memories m WHERE {same} AND (m.occurred_at, m.pk) > (h.occurred_at, h.pk) "
         "ORDER BY m.occurred_at, m.pk LIMIT %(count)s)) AS n "
         "WHERE h.pk = ANY(%(hits)s) ORDER BY h.pk, n.occurred_at, n.pk",
-        {"hits": hits, "count": count, "now": now}).fetchall()
+        {**params, "hits": hits, "count": count, "now": now}).fetchall()
     around: dict[int, list[int]] = {hit: [] for hit in hits}
-    for hit, pk, _side in rows:
+    for hit, pk, importance, recency, public_id, occurred, in_scope in rows:
         around[hit].append(pk)
+        if details is not None and in_scope:
+            details[pk] = ranking.Candidate(pk, importance, recency, memory_id=public_id,
+                                            occurred_at=occurred, in_conversation=True)
     return around
 
 

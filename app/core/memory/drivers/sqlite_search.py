@@ -37,21 +37,23 @@ class Corpus:
     source: str
     importance: str
     recency: str
-    #: The row's public id (the tie-breaker of equal scores) and when it occurred.
+    #: The row's public id (the tie-breaker of equal scores), when it occurred, and whether it
+    #: belongs to a conversation.
     public_id: str
     occurred: str
+    in_conversation: str
 
 
 MEMORIES = Corpus(
     table="memories", fts="memories_fts", removal_scope="memories",
     source="memories m", importance="m.importance", recency="m.created_at",
-    public_id="m.id", occurred="m.occurred_at",
+    public_id="m.id", occurred="m.occurred_at", in_conversation="m.conversation_id IS NOT NULL",
 )
 KNOWLEDGE = Corpus(
     table="knowledge_chunks", fts="knowledge_fts", removal_scope="knowledge_chunks",
     source="knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
     importance="0.5", recency="d.updated_at",
-    public_id="d.doc_id || '#' || m.chunk_index", occurred="d.updated_at",
+    public_id="d.doc_id || '#' || m.chunk_index", occurred="d.updated_at", in_conversation="0",
 )
 
 
@@ -167,23 +169,23 @@ def neighbours(conn: sqlite3.Connection, hits: Sequence[int], count: int,
     conversation (same user and conversation, by ``occurred_at`` then storage order), in that
     order. A memory without a conversation has none."""
     visible = "m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > ?)"
-    around: dict[int, list[int]] = {}
-    for hit in hits:
-        row = conn.execute("SELECT user_id, conversation_id, occurred_at FROM memories "
-                           "WHERE pk = ?", (hit,)).fetchone()
-        if row is None or row[1] is None:
-            around[hit] = []
-            continue
-        same = (f"m.user_id = ? AND m.conversation_id = ? AND {visible}", (row[0], row[1], now))
-        before = conn.execute(
-            f"SELECT m.pk FROM memories m WHERE {same[0]} AND (m.occurred_at < ? OR "
-            "(m.occurred_at = ? AND m.pk < ?)) ORDER BY m.occurred_at DESC, m.pk DESC LIMIT ?",
-            (*same[1], row[2], row[2], hit, count)).fetchall()
-        after = conn.execute(
-            f"SELECT m.pk FROM memories m WHERE {same[0]} AND (m.occurred_at > ? OR "
-            "(m.occurred_at = ? AND m.pk > ?)) ORDER BY m.occurred_at, m.pk LIMIT ?",
-            (*same[1], row[2], row[2], hit, count)).fetchall()
-        around[hit] = [pk for (pk,) in reversed(before)] + [pk for (pk,) in after]
+    same = f"m.user_id = h.user_id AND m.conversation_id = h.conversation_id AND {visible}"
+    # One statement: each hit's rows before and after, through the (user_id,
+    # conversation_id, occurred_at) index; the side says which, the rank how far.
+    rows = conn.execute(
+        "WITH h AS (SELECT m.pk, m.user_id, m.conversation_id, m.occurred_at FROM json_each(?) "
+        "AS wanted CROSS JOIN memories m WHERE m.pk = wanted.value "
+        "AND m.conversation_id IS NOT NULL) "
+        "SELECT h.pk, (SELECT json_group_array(pk) FROM (SELECT m.pk FROM memories m "
+        f"WHERE {same} AND (m.occurred_at < h.occurred_at OR (m.occurred_at = h.occurred_at "
+        "AND m.pk < h.pk)) ORDER BY m.occurred_at DESC, m.pk DESC LIMIT ?)), "
+        "(SELECT json_group_array(pk) FROM (SELECT m.pk FROM memories m "
+        f"WHERE {same} AND (m.occurred_at > h.occurred_at OR (m.occurred_at = h.occurred_at "
+        "AND m.pk > h.pk)) ORDER BY m.occurred_at, m.pk LIMIT ?)) FROM h",
+        (json.dumps([int(pk) for pk in hits]), now, count, now, count)).fetchall()
+    around: dict[int, list[int]] = {hit: [] for hit in hits}
+    for hit, before, after in rows:
+        around[hit] = list(reversed(json.loads(before))) + json.loads(after)
     return around
 
 
@@ -251,12 +253,13 @@ def eligible_details(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
     # of the user through the user_id index instead.
     rows = conn.execute(
         f"SELECT m.pk, {corpus.importance}, {corpus.recency}, {corpus.public_id}, "
-        f"{corpus.occurred} FROM json_each(?) AS wanted CROSS JOIN {corpus.source} "
-        f"WHERE m.pk = wanted.value AND {scope.sql}",
+        f"{corpus.occurred}, {corpus.in_conversation} FROM json_each(?) AS wanted "
+        f"CROSS JOIN {corpus.source} WHERE m.pk = wanted.value AND {scope.sql}",
         (json.dumps([int(pk) for pk in pks]), *scope.params),
     ).fetchall()
-    return {pk: Candidate(pk, importance, recency, memory_id=public_id, occurred_at=occurred)
-            for pk, importance, recency, public_id, occurred in rows}
+    return {pk: Candidate(pk, importance, recency, memory_id=public_id, occurred_at=occurred,
+                          in_conversation=bool(talk))
+            for pk, importance, recency, public_id, occurred, talk in rows}
 
 
 def _with_cosines(candidates: dict[int, Candidate],
