@@ -47,6 +47,10 @@ PREPARE_COMMAND = "python -m app models prepare"
 #: A loaded model must give the check sentence (at least) this cosine to torch's vector.
 CHECK_COSINE = 0.9999
 POOLING_MODES = ("mean", "cls", "max")
+#: Texts per ONNX Runtime call at most, whatever ``MEMORY_EMBEDDING_BATCH_SIZE`` allows: measured
+#: (256 texts, interleaved) 17% more texts per CPU second than 64 for int8, ~10% for fp32; the
+#: activations of a smaller batch stay in the core's cache.
+MAX_RUN_BATCH = 32
 #: The int8 variant of a packaged model is that model's name plus this suffix.
 INT8_SUFFIX = "-int8"
 INT8_MODEL = DEFAULT_MODEL + INT8_SUFFIX
@@ -67,7 +71,7 @@ class OnnxEmbedder:
                  batch_size: int = 64, threads: int = 1, query_cache_size: int = 1_024) -> None:
         self._model_name = model_name
         self._folder = folder or model_folder(model_name)
-        self._batch_size = max(1, batch_size)
+        self._batch_size = min(max(1, batch_size), MAX_RUN_BATCH)
         self._threads = max(0, threads)
         self._loaded_model: _LoadedModel | None = None
         self._load_lock = threading.Lock()
