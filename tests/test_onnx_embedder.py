@@ -258,7 +258,7 @@ def test_the_int8_variant_is_a_model_of_its_own_that_only_onnx_runs(
     assert resolve_backend(INT8_MODEL, "auto") == "onnx"  # before it is prepared, too
     with pytest.raises(InvalidInputError, match="onnx backend only"):
         resolve_backend(INT8_MODEL, "torch")
-    with pytest.raises(MissingDependencyError, match=f"prepare --model {INT8_MODEL}|prepare`"):
+    with pytest.raises(MissingDependencyError, match=f"models prepare --model {INT8_MODEL}`"):
         OnnxEmbedder(INT8_MODEL).embed_query("hello")
     assert main(["models", "prepare", "--model", INT8_MODEL]) == 0
     assert "all-MiniLM-L6-v2-int8" in capsys.readouterr().out

@@ -258,6 +258,10 @@ def read_manifest(model_name: str, folder: Path) -> dict[str, Any]:
     """The folder's manifest; ``MissingDependencyError`` if it is missing, unreadable or old."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
+        if int8_base(model_name) is not None:  # runs on onnx only: no torch to fall back to
+            raise MissingDependencyError(
+                f"The ONNX model for {model_name} is not prepared (no {path}): run "
+                f"`{PREPARE_COMMAND} --model {model_name}`")
         raise MissingDependencyError(
             f"The ONNX model for {model_name} is not prepared (no {path}): run "
             f"`{PREPARE_COMMAND}`, or set MEMORY_EMBEDDING_BACKEND=torch")
