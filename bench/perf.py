@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -156,7 +155,7 @@ def measure_driver(name: str, args: argparse.Namespace) -> dict[str, Any]:
                         | hnsw_baseline(name, backend.location, corpus, users, ids))
             close_all(drivers)
     return {"runs": runs, "encode_per_s": encode_rate(model),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": embedding_backends.own_peak_rss_mb()}
 
 
 def load(driver: BaseMemoryDriver, embedder: BenchEmbedder, corpus: Corpus, users: list[str],

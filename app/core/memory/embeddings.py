@@ -289,10 +289,15 @@ def resolve_backend(model_name: str, backend: str) -> str:
     """``onnx`` or ``torch`` for ``backend`` (``auto`` is onnx once ``model_name`` is prepared)."""
     if backend not in ("auto", "onnx", "torch"):
         raise InvalidInputError(f"backend must be auto, onnx or torch (got {backend!r})")
+    from app.core.memory.onnx_embedder import int8_base, is_prepared
+
+    if int8_base(model_name) is not None:  # quantized for ONNX Runtime: torch cannot run it
+        if backend == "torch":
+            raise InvalidInputError(f"{model_name} runs on the onnx backend only (got backend "
+                                    "'torch'); set MEMORY_EMBEDDING_BACKEND=onnx or auto")
+        return "onnx"
     if backend != "auto":
         return backend
-    from app.core.memory.onnx_embedder import is_prepared
-
     return "onnx" if is_prepared(model_name) else "torch"
 
 

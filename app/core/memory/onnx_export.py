@@ -14,6 +14,12 @@ one sentence-transformers gives on torch; otherwise nothing is replaced. Running
 cheap: a folder whose manifest names the same source files (by SHA-256) and whose own files are
 intact is kept. A model whose folder is not a Transformer + Pooling (+ Normalize) pipeline is
 refused with ``NotSupportedError`` (it stays on the torch backend).
+
+The int8 variant (``all-MiniLM-L6-v2-int8``) is exported the same way, then its weight matrices
+are quantized by ``onnxruntime.quantization.quantize_dynamic`` (``INT8_RECIPE``). Its vectors
+must have cosine >= ``INT8_MIN_COSINE`` to torch's on the verification texts (a sanity floor),
+and the manifest's check vector is the quantized model's own (so that loading still tells a
+damaged file from a good one).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from app.core.memory.onnx_embedder import (
     MODEL_FILE,
     TOKENIZER_FILE,
     OnnxEmbedder,
+    _LoadedModel,
+    int8_base,
     model_folder,
 )
 
@@ -51,6 +59,16 @@ VERIFY_TEXTS = (
     "",
     " ".join(["A very long memory that runs past the model's token limit."] * 40),
 )
+#: How the int8 variant is quantized; part of its source fingerprint, so a change re-makes it.
+#: Measured on the bench sentences and LoCoMo turns (README, Performance): every weight MatMul,
+#: int8 weights per output channel, uint8 activations quantized per call; ~2.5x faster than fp32.
+#: Attention's activation x activation products stay fp32 (MatMulConstBOnly).
+INT8_RECIPE = {"weight_type": "QInt8", "per_channel": True, "reduce_range": False,
+               "op_types_to_quantize": ["MatMul"], "MatMulConstBOnly": True}
+#: The int8 variant's vectors of the verification texts must have at least this cosine to torch's.
+#: A sanity floor (a broken quantization gives far less): the empty text, [CLS] [SEP] alone, gets
+#: 0.974. The quality bound, >= 0.98 on the bench corpus, is measured by bench.embedding_backends.
+INT8_MIN_COSINE = 0.97
 #: Files of the source folder that do not change the vectors.
 _NOT_HASHED = {"README.md", ".gitattributes"}
 
@@ -71,14 +89,15 @@ def prepare(model_name: str, *, force: bool = False) -> PrepareReport:
     """Make (or keep) the ONNX folder of ``model_name``; see the module docstring."""
     began = time.perf_counter()
     offline_environment()
-    source = Path(model_source(model_name))
+    int8_of = int8_base(model_name)
+    source = Path(model_source(int8_of or model_name))
     if not (source / "modules.json").is_file() or not (source / TOKENIZER_FILE).is_file():
         raise NotSupportedError(
             f"the onnx backend needs a local sentence-transformers folder with modules.json and "
             f"tokenizer.json; {model_name} is not one (use MEMORY_EMBEDDING_BACKEND=torch)")
     pipeline = read_pipeline(source)
     folder = model_folder(model_name)
-    fingerprint = source_fingerprint(source)
+    fingerprint = source_fingerprint(source, int8=int8_of is not None)
     kept = _intact_manifest(folder, fingerprint)
     if kept is not None and not force:
         return PrepareReport(model_name, str(folder), "kept", kept["files"][MODEL_FILE]["bytes"],
@@ -89,12 +108,17 @@ def prepare(model_name: str, *, force: bool = False) -> PrepareReport:
     staging.mkdir()
     try:
         try:
-            _export(source, staging / MODEL_FILE, pipeline["max_seq_length"])
+            if int8_of is None:
+                _export(source, staging / MODEL_FILE, pipeline["max_seq_length"])
+            else:
+                _export(source, staging / "fp32.onnx", pipeline["max_seq_length"])
+                _quantize(staging / "fp32.onnx", staging / MODEL_FILE)
         except MemoryDriverError:
             raise
         except Exception as exc:  # transformers and the exporter raise many kinds of errors
             raise NotSupportedError(f"{model_name} could not be exported to ONNX ({exc}); it "
                                     "stays usable with MEMORY_EMBEDDING_BACKEND=torch") from exc
+        (staging / "fp32.onnx").unlink(missing_ok=True)
         shutil.copyfile(source / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         reference = _torch_vectors(source, list(VERIFY_TEXTS))
         manifest: dict[str, Any] = {
@@ -105,12 +129,21 @@ def prepare(model_name: str, *, force: bool = False) -> PrepareReport:
             "made_with": _versions(), "opset": OPSET,
         }
         _write_json(staging / MANIFEST_FILE, manifest)
+        if int8_of is not None:
+            # Its load check compares the model with itself (is it damaged?), not int8 with
+            # torch (that is the verification below); one text alone, as the load check runs it.
+            manifest["quantization"] = INT8_RECIPE
+            unchecked = _LoadedModel(model_name, staging, 1, check=False)
+            manifest["check"]["vector"] = [float(x) for x in unchecked.embed(
+                [VERIFY_TEXTS[0]], 1)[0]]
+            _write_json(staging / MANIFEST_FILE, manifest)
         got = OnnxEmbedder(model_name, folder=staging).embed_documents(list(VERIFY_TEXTS))
         cosines = np.sum(got * reference, axis=1)
-        if not float(cosines.min()) >= CHECK_COSINE:
+        bound = CHECK_COSINE if int8_of is None else INT8_MIN_COSINE
+        if not float(cosines.min()) >= bound:
             raise MissingDependencyError(
                 f"the exported ONNX model of {model_name} gives vectors that differ from torch's "
-                f"(cosine {cosines.min():.5f} < {CHECK_COSINE}); nothing was replaced")
+                f"(cosine {cosines.min():.5f} < {bound}); nothing was replaced")
         manifest["verified_min_cosine"] = float(cosines.min())
         _write_json(staging / MANIFEST_FILE, manifest)
         _swap_in(staging, folder)
@@ -145,9 +178,12 @@ def read_pipeline(source: Path) -> dict[str, Any]:
             "normalize": kinds[-1] == "Normalize", "max_seq_length": int(max_seq_length)}
 
 
-def source_fingerprint(source: Path) -> str:
-    """SHA-256 over the names and contents of the files that make the vectors."""
+def source_fingerprint(source: Path, *, int8: bool = False) -> str:
+    """SHA-256 over the names and contents of the files that make the vectors (and, for the
+    int8 variant, the quantization recipe)."""
     digest = hashlib.sha256(f"format {FORMAT}\n".encode())
+    if int8:
+        digest.update(f"int8 {json.dumps(INT8_RECIPE, sort_keys=True)}\n".encode())
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         if path.name in _NOT_HASHED:
             continue
@@ -201,6 +237,23 @@ def _export(source: Path, target: Path, max_seq_length: int) -> None:
         torch.onnx.export(LastHiddenState(model), example, str(target), input_names=list(INPUTS),
                           output_names=["last_hidden_state"], dynamic_axes=axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
+
+
+def _quantize(source: Path, target: Path) -> None:
+    """``source`` with its weight MatMuls quantized to int8 as ``INT8_RECIPE`` says."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # quantize_dynamic logs (on the root logger) advice for static quantization: not for users.
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(max(level, logging.ERROR))
+    try:  # as INT8_RECIPE says
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=False, op_types_to_quantize=["MatMul"],
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
 
 
 def _torch_vectors(source: Path, texts: list[str]) -> np.ndarray:
