@@ -931,15 +931,13 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
 
     Its rows: (pk, importance, recency, cosine, public id, occurred, the 1-based indexes of
     ``terms`` the row holds, the scope's row count, each term's row count in the scope,
-    whether it belongs to a conversation). The
-    keyword side takes the rows holding a searched term (``ranking.KeywordStats.searched``,
-    the same rule in SQL) with the best idf-weighted coverage, ties to the newest stored.
+    whether it belongs to a conversation). The keyword side takes the rows holding a searched
+    term (``ranking.KeywordStats.searched``, the same rule in SQL) with the best idf-weighted
+    coverage, ties to the newest stored.
     """
     depth = ranking.candidate_depth(top_k)
     values = {**params, "terms": terms, "depth": depth, "exact_max": exact_max,
               "ef_search": str(max(40, depth)), "common": ranking.COMMON_TERM_SHARE}
-    coverage = ("(SELECT COALESCE(sum(w.idf), 0) FROM weighted w "
-                "WHERE m.content_tsv @@ w.tsq) / NULLIF((SELECT sum(idf) FROM weighted), 0)")
     parts = [
         # The scope's size (the keyword statistics' N, and what picks exact search or the
         # index), counted from the (user_id, deleted_at, expires_at) index alone. It also
@@ -948,22 +946,30 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         f"total AS (SELECT COUNT(*)::float8 AS n, set_config('hnsw.ef_search', "
         "%(ef_search)s, true) || set_config('hnsw.iterative_scan', 'strict_order', true) "
         f"AS settings FROM {corpus.source} WHERE {scope})",
-        # Each query term as the stemmed tsquery the index matches.
+        # Each query term as the stemmed tsquery the index matches (empty for a word the
+        # english configuration drops: it matches nothing).
         "q AS (SELECT t.i::int AS i, t.word, plainto_tsquery('english', t.word) AS tsq "
         "FROM unnest(%(terms)s::text[]) WITH ORDINALITY AS t (word, i))",
-        # How many of the scope's rows hold each term.
-        "weighted AS (SELECT q.i, q.word, q.tsq, c.n, ln(1 + ((SELECT n FROM total) - c.n "
-        "+ 0.5) / (c.n + 0.5)) AS idf FROM q CROSS JOIN LATERAL (SELECT COUNT(*)::float8 AS n "
-        f"FROM {corpus.source} WHERE m.content_tsv @@ q.tsq AND {scope}) AS c)",
-        "rare AS (SELECT tsq FROM weighted WHERE n > 0 "
-        "AND n <= %(common)s * (SELECT n FROM total))",
-        "searched AS (SELECT string_agg(tsq::text, ' | ')::tsquery AS tsq FROM "
-        "(SELECT tsq FROM rare UNION ALL (SELECT tsq FROM weighted WHERE n > 0 AND NOT EXISTS "
-        "(SELECT 1 FROM rare) ORDER BY n, word LIMIT 1)) AS chosen)",
-        f"keyword AS (SELECT m.pk FROM {corpus.source}, searched "
-        f"WHERE m.content_tsv @@ searched.tsq AND {scope} "
-        # Equal coverages: the newest stored first (as on SQLite).
-        f"ORDER BY {coverage} DESC, m.pk DESC LIMIT %(depth)s)",
+        # The scope's rows holding any term, each with the terms it holds: one pass over the
+        # index and those rows gives both the statistics and the keyword candidates.
+        f"matched AS MATERIALIZED (SELECT m.pk, ARRAY(SELECT q.i FROM q WHERE numnode(q.tsq) > 0 "
+        f"AND m.content_tsv @@ q.tsq ORDER BY q.i) AS held FROM {corpus.source} "
+        "WHERE m.content_tsv @@ (SELECT string_agg(tsq::text, ' | ')::tsquery FROM q "
+        f"WHERE numnode(tsq) > 0) AND {scope})",
+        "weighted AS (SELECT q.i, q.word, COALESCE(c.n, 0)::float8 AS n, ln(1 + ((SELECT n FROM "
+        "total) - COALESCE(c.n, 0) + 0.5) / (COALESCE(c.n, 0) + 0.5)) AS idf FROM q LEFT JOIN "
+        "(SELECT i, COUNT(*) AS n FROM matched, unnest(held) AS i GROUP BY i) AS c ON c.i = q.i)",
+        # ranking.KeywordStats.kept, in SQL: the terms held by at most the common share of the
+        # rows, or all of them when none of those is held by any row.
+        "rare AS (SELECT i, n, idf FROM weighted WHERE n <= %(common)s * (SELECT n FROM total))",
+        "kept AS (SELECT i, n, idf FROM rare WHERE EXISTS (SELECT 1 FROM rare WHERE n > 0) "
+        "UNION ALL SELECT i, n, idf FROM weighted WHERE NOT EXISTS "
+        "(SELECT 1 FROM rare WHERE n > 0))",
+        # Candidates: rows holding a kept term, the best idf-weighted coverage first (the
+        # division by the kept terms' total idf changes no order), ties to the newest stored.
+        "keyword AS (SELECT pk FROM matched WHERE held && ARRAY(SELECT i FROM kept WHERE n > 0) "
+        "ORDER BY (SELECT COALESCE(sum(k.idf), 0) FROM kept k WHERE k.i = ANY(held)) DESC, "
+        "pk DESC LIMIT %(depth)s)",
     ]
     union = "SELECT pk FROM keyword"
     cosine = "0.0::float8"
@@ -985,7 +991,7 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         f"SELECT m.pk, {corpus.importance}::float8, "
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
         f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
-        "ARRAY(SELECT w.i FROM weighted w WHERE m.content_tsv @@ w.tsq ORDER BY w.i), "
+        "COALESCE((SELECT held FROM matched h WHERE h.pk = m.pk), '{}'::int[]), "
         "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i), "
         f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk"
     )
