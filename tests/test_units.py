@@ -209,3 +209,4 @@ def test_readme_lists_every_input_limit() -> None:
     assert f"`{validation.ID_PATTERN.pattern}`" in section
     assert f"from 1 to {reembed.MAX_BATCH_SIZE:,}" in section
     assert f"{validation.MAX_TTL_SECONDS:,} s" in section
+    assert f"from 0 to {validation.MAX_CONTEXT}" in section
