@@ -158,8 +158,17 @@ class _Connection:
 
     def search(self, query: str) -> None:
         body = json.dumps({"query": query, "top_k": 10}).encode("utf-8")
-        self.connection.request("POST", "/v1/memories/search", body=body, headers=self.headers)
-        answer = self.connection.getresponse()
+        try:
+            self.connection.request("POST", "/v1/memories/search", body=body,
+                                    headers=self.headers)
+            answer = self.connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closes a keep-alive connection idle for 5 s (uvicorn's default), as
+            # the callers' connections are while the other side is measured: open it again.
+            self.connection.close()
+            self.connection.request("POST", "/v1/memories/search", body=body,
+                                    headers=self.headers)
+            answer = self.connection.getresponse()
         data = answer.read()
         if answer.status != 200:
             raise RuntimeError(f"search answered {answer.status}: {data[:200]!r}")
