@@ -991,9 +991,10 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         f"SELECT m.pk, {corpus.importance}::float8, "
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
         f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
-        "COALESCE((SELECT held FROM matched h WHERE h.pk = m.pk), '{}'::int[]), "
+        "COALESCE(h.held, '{}'::int[]), "
         "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i), "
-        f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk"
+        f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk "
+        "LEFT JOIN matched h ON h.pk = m.pk"
     )
     return sql, values
 
