@@ -1,5 +1,6 @@
 """How the pgvector driver picks and scores recall candidates, on a real PostgreSQL: keyword
-coverage for every candidate, common words left out, statistics from the user's own rows.
+coverage for every candidate, statistics from the user's own rows (common words: in
+``tests/test_common_words.py``, for both SQL drivers).
 
 The word-hash test embedder stands in for the model: these tests are about which candidates the
 SQL finds and the scores it gives them, and need vectors whose cosines are known exactly.
@@ -8,7 +9,6 @@ SQL finds and the scores it gives them, and need vectors whose cosines are known
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
@@ -53,33 +53,6 @@ def test_a_vector_candidate_past_the_keyword_cut_off_keeps_its_keyword_coverage(
         w.vector + w.keyword + w.importance)
     assert [memory["id"] for memory in found] == [near["id"]]
     assert found[0]["score"] == pytest.approx(expected, abs=1e-6)
-
-
-def test_a_common_word_neither_brings_candidates_nor_counts(driver: PgvectorDriver):
-    """A word in more than ``COMMON_TERM_SHARE`` of the user's rows is not searched and not
-    weighed: a keyword recall for it and a rare word returns the rare word's rows (full
-    coverage), not the hundreds that hold only the common one. Asked for the common word
-    alone, it is searched after all, and equal scores come in the total order (what occurred
-    last first)."""
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    common = driver.store_many([{"user_id": "u", "content": f"common n{i}x",
-                                 "occurred_at": start + timedelta(minutes=i)}
-                                for i in range(300)])
-    rare = driver.store_many([{"user_id": "u", "content": f"common rareword r{i}x",
-                               "occurred_at": start + timedelta(days=1, minutes=i)}
-                              for i in range(3)])
-
-    both = driver.recall("u", query="common rareword", use_vector=False, top_k=10)
-    assert {memory["id"] for memory in both} == {memory["id"] for memory in rare}
-    assert all(memory["score"] == 1.0 for memory in both)
-
-    alone = driver.recall("u", query="common", use_vector=False, top_k=10)
-    every = sorted(common + rare, key=lambda m: (m["occurred_at"], m["created_at"], m["id"]),
-                   reverse=True)
-    assert [memory["id"] for memory in alone] == [memory["id"] for memory in every[:10]]
-
-    hybrid = driver.recall("u", query="common rareword", top_k=3)
-    assert {memory["id"] for memory in hybrid} == {memory["id"] for memory in rare}
 
 
 def test_recall_sends_no_vector_as_text(driver: PgvectorDriver, empty_pg: str):

@@ -204,31 +204,3 @@ def test_concurrent_threads_store_and_recall_on_one_driver(driver: SqliteDriver)
     assert errors == []
     assert driver.stats()["memories"]["visible"] == 60
 
-
-def test_a_common_word_is_read_only_until_it_is_known_common(sqlite_path: Path):
-    """A word in more than 10% of the user's rows neither searches nor weighs, so the driver
-    reads its rows only until it knows (``sqlite_search.keyword_matches``): a keyword recall for
-    it and a rare word returns the rare word's rows at full coverage. Asked alone (every word
-    common), it is read whole and searched after all, equal scores in the total order."""
-    from datetime import UTC, datetime, timedelta
-
-    from tests.word_hash_embedder import WordHashEmbedder
-
-    driver = SqliteDriver(path=sqlite_path, embedder=WordHashEmbedder())
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    common = driver.store_many([{"user_id": "u", "content": f"common n{i}x",
-                                 "occurred_at": start + timedelta(minutes=i)}
-                                for i in range(300)])
-    rare = driver.store_many([{"user_id": "u", "content": f"common rareword r{i}x",
-                               "occurred_at": start + timedelta(days=1, minutes=i)}
-                              for i in range(3)])
-    driver.store_many([{"user_id": "other", "content": "rareword"} for _ in range(500)])
-
-    both = driver.recall("u", query="common rareword", use_vector=False, top_k=10)
-    assert {m["id"] for m in both} == {m["id"] for m in rare}
-    assert all(m["score"] == 1.0 for m in both)
-    alone = driver.recall("u", query="common", use_vector=False, top_k=10)
-    every = sorted(common + rare, key=lambda m: (m["occurred_at"], m["created_at"], m["id"]),
-                   reverse=True)
-    assert [m["id"] for m in alone] == [m["id"] for m in every[:10]]
-    driver.close()
