@@ -37,18 +37,20 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   Parallel workers and JIT are decided at planning, so they are off for the whole pooled session
   (``_configure_session``): at 100k rows the planner gave the never-run exact branch a parallel
   plan, and starting its two workers alone cost ~23 ms a recall.
-- Exact or index: the scope is counted from an index alone, up to ``exact_scan_max_rows`` + 1
-  rows. A scope within it (the usual case: one user's memories in a shared table) is scanned
-  and sorted exactly; a larger one goes through the HNSW index, whose graph the 2026_11_29
-  migration made denser (m 32, ef_construction 128): at ef_search 50 its top 10 is the exact
-  top 10 for 98% of the benchmark's queries on 100k memories, against 87% with pgvector's
-  defaults (16, 64), which no ef_search up to 160 brought above 92%.
-- Keyword candidates: rows holding a searched query term (``KeywordStats.searched``: not
-  held by more than 10% of the scope), best idf-weighted coverage first, ties to the larger
-  pk. Each term's count in the scope is one GIN lookup rechecked against the scope; a common
-  word is counted but its rows are not read as candidates. (The planner's table-wide
-  statistics, used before to skip frequent words, made the ranking depend on other users'
-  data and change after an ``ANALYZE``.)
+- Exact or index: the scope's visible rows are counted by an index-only scan of
+  ``memories_user_visible`` (user_id, deleted_at, expires_at); the same count is the keyword
+  statistics' N. A scope of at most ``exact_scan_max_rows`` rows (the usual case: one user's
+  memories in a shared table) is scanned and sorted exactly; a larger one goes through the HNSW
+  index, whose graph the 2026_11_29 migration made denser (m 32, ef_construction 128): at
+  ef_search 50 its top 10 is the exact top 10 for 98% of the benchmark's queries on 100k
+  memories, against 87% with pgvector's defaults (16, 64), which no ef_search up to 160 brought
+  above 92%. The count is O(rows) of the user (~1 ms at 10k, measured; more at 100k).
+- Keyword side: one pass (``matched``) reads the scope's rows holding any query term, with the
+  terms each holds, through the GIN index; it gives each term's count (the statistics) and the
+  keyword candidates: rows holding a searched term (``KeywordStats.searched``), best
+  idf-weighted coverage first, ties to the newest stored. (The planner's table-wide statistics,
+  used before to skip frequent words, made the ranking depend on other users' data and change
+  after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a common word too.
 - The access-count write stays a HOT update (no index touched) because the 2026_11_29 migration
   leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at fillfactor 85 half of
   these updates found no room on their page and inserted into every index, HNSW included (at
@@ -69,6 +71,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -879,24 +882,24 @@ _BY_ID = ("m.id = %(id)s AND (%(user)s::text IS NULL OR m.user_id = %(user)s) "
           "AND (m.expires_at IS NULL OR m.expires_at > %(now)s)")
 
 
+@dataclass(frozen=True)
 class _Corpus:
-    """What differs between searching memories and knowledge chunks (constant SQL only).
+    """What differs between searching memories and knowledge chunks (constant SQL only)."""
 
-    ``public_id``, ``occurred`` and ``in_conversation`` are a row's id (the last tie-breaker),
-    its time and whether it belongs to a conversation.
-    """
+    source: str
+    columns: str
+    importance: str
+    recency: str
+    #: A row's id (the last tie-breaker), its time, and whether it belongs to a conversation.
+    public_id: str
+    occurred: str
+    in_conversation: str
 
-    def __init__(self, table: str, source: str, columns: str, importance: str, recency: str,
-                 public_id: str, occurred: str, in_conversation: str) -> None:
-        self.table, self.source, self.columns = table, source, columns
-        self.importance, self.recency = importance, recency
-        self.public_id, self.occurred, self.in_conversation = public_id, occurred, in_conversation
 
-
-_MEMORIES = _Corpus("memories", "memories m", _MEMORY_COLUMNS, "m.importance", "m.created_at",
-                    "m.id", "m.occurred_at", "m.conversation_id IS NOT NULL")
+_MEMORIES = _Corpus("memories m", _MEMORY_COLUMNS, "m.importance", "m.created_at", "m.id",
+                    "m.occurred_at", "m.conversation_id IS NOT NULL")
 _KNOWLEDGE = _Corpus(
-    "knowledge_chunks", "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
+    "knowledge_chunks m JOIN knowledge_documents d ON d.pk = m.document_pk",
     "m.pk, m.chunk_index, m.content, d.doc_id, d.category, d.title, d.metadata, d.updated_at",
     "0.5", "d.updated_at", "d.doc_id || '#' || m.chunk_index", "d.updated_at", "FALSE",
 )

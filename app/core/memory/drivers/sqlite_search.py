@@ -24,7 +24,6 @@ from app.core.memory.ranking import (
     COMMON_TERM_SHARE,
     Candidate,
     KeywordStats,
-    keyword_coverage,
     query_terms,
 )
 from app.core.memory.validation import RecallFilters
@@ -172,7 +171,7 @@ def _holders(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, term: str,
 def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
                        matches: KeywordMatches, depth: int) -> dict[int, Candidate]:
     """The ``depth`` rows with the best keyword coverage among those holding a searched term
-    (equal coverages: the newest stored first), with their details."""
+    (equal coverages: the newest stored first), with their details (the caller scores them)."""
     weights = matches.stats.weights()
     # Summed term by term over the holders: a keyword_coverage call per row costs ~10x more.
     held: dict[int, float] = dict.fromkeys(matches.searched_pks(), 0.0)
@@ -181,11 +180,7 @@ def keyword_candidates(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
             if pk in held:
                 held[pk] += weight
     best = sorted(held, key=lambda pk: (held[pk], pk), reverse=True)[:depth]
-    coverage = {pk: keyword_coverage(matches.terms_of(pk), weights) for pk in best}
-    found = eligible_details(conn, corpus, scope, best)
-    for pk, candidate in found.items():
-        candidate.keyword = coverage[pk]
-    return found
+    return eligible_details(conn, corpus, scope, best)
 
 
 def neighbours(conn: sqlite3.Connection, hits: Sequence[int], count: int,
