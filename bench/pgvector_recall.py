@@ -117,12 +117,13 @@ def bulk_load(url: str, corpus: Corpus, users: list[str], start: int, end: int) 
         assert definition is not None, "the memories_embedding index is missing"
         conn.execute("DROP INDEX memories_embedding")
         with conn.cursor() as cursor, cursor.copy(
-                "COPY memories (id, user_id, content, created_at, updated_at, embedding) "
+                "COPY memories (id, user_id, content, created_at, updated_at, occurred_at, "
+                "embedding) "
                 "FROM STDIN (FORMAT BINARY)") as copy:
             for i in range(start, end):
                 created = _EPOCH + timedelta(seconds=i)
                 copy.write_row((f"m{i}", users[i % len(users)], corpus.texts[i], created,
-                                created, _BinaryVector(corpus.vectors[i])))
+                                created, created, _BinaryVector(corpus.vectors[i])))
         conn.execute("SET maintenance_work_mem = '1GB'")
         conn.execute(definition[0])
         conn.execute("VACUUM ANALYZE")
