@@ -63,7 +63,8 @@ class Settings:
     #: ``vector_cache_max_vectors`` vectors of the model's size.
     vector_cache_max_bytes: int = 0
     soft_delete_retention_days: float = 30.0
-    async_workers: int = 8
+    #: 0: chosen per driver by the cores (``aio.default_workers``).
+    async_workers: int = 0
     async_embed_in_process: bool = False
     # -- the service (``python -m app serve``) --
     keys_database: str = ""
@@ -167,7 +168,7 @@ class Settings:
                 number("MEMORY_SOFT_DELETE_RETENTION_DAYS", defaults.soft_delete_retention_days,
                        float)
             ),
-            async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)) or 1,
+            async_workers=int(number("MEMORY_ASYNC_WORKERS", defaults.async_workers)),
             async_embed_in_process=flag("MEMORY_ASYNC_EMBED_IN_PROCESS",
                                         defaults.async_embed_in_process),
             keys_database=text("MEMORY_KEYS_DATABASE", defaults.keys_database).lower(),

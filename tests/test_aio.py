@@ -155,6 +155,25 @@ def test_workers_are_bounded_by_settings(monkeypatch: pytest.MonkeyPatch,
     assert default_workers("pgvector") == 1  # never more workers than pooled connections
 
 
+def test_unset_workers_follow_the_cores_per_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite's recall holds the interpreter lock: more threads than cores only queue for it (and
+    # the loop behind them); pgvector's threads wait for the server half the time.
+    from app.core.memory import aio
+
+    monkeypatch.delenv("MEMORY_ASYNC_WORKERS", raising=False)
+    monkeypatch.setenv("MEMORY_PG_POOL_MAX_SIZE", "10")
+    monkeypatch.setattr(aio.os, "cpu_count", lambda: 3)
+    reset_settings()
+    assert (aio.default_workers("sqlite"), aio.default_workers("pgvector"),
+            aio.default_workers("automem")) == (3, 6, aio.OTHER_WORKERS)
+    monkeypatch.setenv("MEMORY_PG_POOL_MAX_SIZE", "4")
+    reset_settings()
+    assert aio.default_workers("pgvector") == 4  # still never more than pooled connections
+    monkeypatch.setenv("MEMORY_ASYNC_WORKERS", "5")
+    reset_settings()
+    assert aio.default_workers("sqlite") == 5
+
+
 def test_bad_input_fails_fast_on_the_loop_without_waiting_for_a_worker(
         sqlite_path: Path, embedder: SentenceTransformerEmbedder) -> None:
     memory = AsyncMemoryDriver(SqliteDriver(path=sqlite_path, embedder=embedder), max_workers=1)

@@ -13,8 +13,9 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
 
 - **Database and HTTP work: the sync driver on a fixed pool of worker threads.** An
   ``AsyncMemoryDriver`` wraps the sync driver ``get_memory_driver(name)`` returns and runs each
-  verb on ``MEMORY_ASYNC_WORKERS`` threads (for pgvector at most its pool size, so no worker ever
-  waits for a connection). The SQL, the validation and the ranking thus exist once. psycopg,
+  verb on ``default_workers(name)`` threads (``MEMORY_ASYNC_WORKERS``; unset, one per core for
+  SQLite and two per core for pgvector, see ``WORKERS_PER_CORE``; for pgvector at most its pool
+  size, so no worker ever waits for a connection). The SQL, the validation and the ranking thus exist once. psycopg,
   sqlite3 and httpx release the interpreter lock while they wait, so the threads overlap the
   waits: 100 concurrent recalls on pgvector took 0.25 of the time of the same recalls awaited
   one after another (0.29 with a new query each, embedding included). Native async was measured
@@ -40,10 +41,11 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   more than ``PRECHECK_MAX_ITEMS`` items is checked on its worker only (~60 us an item).
 
 Loop lag (cold process, 100 recalls and 10 store_many at once, first embedding included; a
-5 ms ticker): p50 0.2 ms, max 17-21 ms on a 2-core machine shared with other busy processes.
-Measured from ``/proc/thread-self/schedstat``, nearly all of what is left is the loop's thread
-waiting for a CPU (run-queue wait); the lateness this process causes itself (the GIL, the
-loop's own dispatching) stays at 5-11 ms. Before the workers started early, the first burst
+5 ms ticker): p50 0.2-0.3 ms; max 7-9 ms (SQLite) and 9-12 ms (pgvector) with the workers of
+``WORKERS_PER_CORE``, against 19-21 ms with 8 workers on either, on the quiet 2-core machine.
+With 8 threads, the loop waited behind the workers for the interpreter lock (the lateness less
+the run-queue wait read from ``/proc/thread-self/schedstat`` was 12-17 ms); with as many
+threads as the work can use, less waits. Before the workers started early, the first burst
 alone kept the loop 28-40 ms (8 thread starts, each waiting for a CPU and the GIL).
 
 Cancellation: a call that has not started on a worker yet never runs. A call that has started
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,7 +105,7 @@ T = TypeVar("T")
 class AsyncMemoryDriver:
     """Every contract verb as a coroutine over one sync driver (see the module docstring).
 
-    ``max_workers`` bounds how many calls run at once (default ``MEMORY_ASYNC_WORKERS``; for
+    ``max_workers`` bounds how many calls run at once (default ``default_workers``; for
     ``pgvector`` never more than ``MEMORY_PG_POOL_MAX_SIZE``, so a worker never waits for a
     pooled connection); further calls queue. ``aclose()`` (or leaving ``async with``) stops the
     workers and closes the sync driver.
@@ -483,12 +486,27 @@ def _start_all_workers(executor: ThreadPoolExecutor, count: int) -> None:
         future.result()
 
 
+#: Worker threads per CPU core when ``MEMORY_ASYNC_WORKERS`` is not set (``bench.aio``, 2 cores,
+#: loop lag max / concurrent over sequential recalls). SQLite: its recall is Python and numpy
+#: under the interpreter lock, so threads beyond the cores only queue for the lock, and the loop
+#: behind them: 8 threads 21 ms / 1.42, 2 threads 7 ms / 1.21. PostgreSQL: a thread waits for the
+#: server about half the time: 8 threads 20 ms / 0.52, 4 threads 12 ms / 0.42, 2 threads
+#: 9 ms / 0.50. Any other driver (AutoMem: HTTP, threads mostly waiting) gets ``OTHER_WORKERS``.
+WORKERS_PER_CORE = {"sqlite": 1, "pgvector": 2}
+OTHER_WORKERS = 8
+
+
 def default_workers(driver_name: str) -> int:
-    """``MEMORY_ASYNC_WORKERS``, capped for ``pgvector`` at its connection pool's size."""
+    """``MEMORY_ASYNC_WORKERS``, or when it is not set (0) ``WORKERS_PER_CORE`` of the driver
+    times the cores (``OTHER_WORKERS`` for other drivers); for ``pgvector`` at most its
+    connection pool's size."""
     from config.settings import get_settings
 
     settings = get_settings()
     workers = settings.async_workers
+    if not workers:
+        per_core = WORKERS_PER_CORE.get(driver_name)
+        workers = OTHER_WORKERS if per_core is None else per_core * (os.cpu_count() or 1)
     if driver_name == "pgvector":
         workers = min(workers, settings.pg_pool_max_size)
     return max(1, workers)
