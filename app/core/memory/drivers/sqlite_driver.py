@@ -106,7 +106,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: The schema the driver needs, all of it (every memory read selects ``occurred_at``).
-REQUIRED_MIGRATION = "2026_11_29_000002_add_memories_occurred_at"
+REQUIRED_MIGRATION = "2026_12_04_000001_add_memory_counts"
 _MEMORY_COLUMNS = (
     "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
     "m.tags, m.metadata, m.importance, m.access_count, m.last_accessed_at, m.expires_at, "

@@ -69,6 +69,9 @@ class Scope:
     sql: str
     params: tuple[Any, ...]
     narrows: bool = False
+    #: Set when the scope is exactly this user's visible memories (no filter beyond the user),
+    #: with the time that decides expiry: then ``scope_size`` reads ``memory_counts``.
+    whole_user: tuple[str, float] | None = None
 
 
 def memory_scope(filters: RecallFilters, now: float, *, include_deleted: bool = False) -> Scope:
@@ -99,7 +102,9 @@ def memory_scope(filters: RecallFilters, now: float, *, include_deleted: bool = 
         clauses.append("NOT EXISTS (SELECT 1 FROM json_each(m.tags) "
                        "WHERE value IN (SELECT value FROM json_each(?)))")
         params.append(json.dumps(filters.exclude_tags))
-    return Scope(" AND ".join(clauses), tuple(params), narrows=filters.narrows)
+    whole_user = None if filters.narrows or include_deleted else (filters.user_id, now)
+    return Scope(" AND ".join(clauses), tuple(params), narrows=filters.narrows,
+                 whole_user=whole_user)
 
 
 def knowledge_scope(category: str | None) -> Scope:
@@ -142,8 +147,7 @@ def keyword_matches(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
     one: enough to know it is common. Read whole, three words each in a quarter of 10k memories
     cost ~8 ms a recall.
     """
-    (rows_in_scope,) = conn.execute(
-        f"SELECT COUNT(*) FROM {corpus.source} WHERE {scope.sql}", scope.params).fetchone()
+    rows_in_scope = scope_size(conn, corpus, scope)
     cap = int(COMMON_TERM_SHARE * rows_in_scope)
     terms = query_terms(text)
     holders = {term: _holders(conn, corpus, scope, term, cap + 1) for term in terms}
@@ -153,6 +157,22 @@ def keyword_matches(conn: sqlite3.Connection, corpus: Corpus, scope: Scope,
                    for term, pks in holders.items()}
     return KeywordMatches(holders, KeywordStats(rows_in_scope, {
         term: len(pks) for term, pks in holders.items()}))
+
+
+def scope_size(conn: sqlite3.Connection, corpus: Corpus, scope: Scope) -> int:
+    """How many rows ``scope`` holds. A whole user's visible memories: the user's count of
+    memories not deleted (``memory_counts``, kept by triggers) less those expired by the
+    scope's time, an index range over the expired ones only; any other scope is counted."""
+    if scope.whole_user is not None:
+        user_id, now = scope.whole_user
+        (rows,) = conn.execute(
+            "SELECT COALESCE((SELECT live FROM memory_counts WHERE user_id = ?), 0) - "
+            "(SELECT COUNT(*) FROM memories WHERE user_id = ? AND deleted_at IS NULL "
+            "AND expires_at <= ?)", (user_id, user_id, now)).fetchone()
+        return int(rows)
+    (rows,) = conn.execute(
+        f"SELECT COUNT(*) FROM {corpus.source} WHERE {scope.sql}", scope.params).fetchone()
+    return int(rows)
 
 
 def _holders(conn: sqlite3.Connection, corpus: Corpus, scope: Scope, term: str,
