@@ -16,8 +16,8 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   verb on ``default_workers(name)`` threads (``MEMORY_ASYNC_WORKERS``; unset, one per core for
   SQLite and two per core for pgvector, see ``WORKERS_PER_CORE``; for pgvector at most its pool
   size, so no worker ever waits for a connection). The SQL, the validation and the ranking
-  thus exist once. psycopg, sqlite3 and httpx release the interpreter lock while they wait, so the threads overlap the
-  waits: 100 concurrent recalls on pgvector took 0.25 of the time of the same recalls awaited
+  thus exist once. psycopg, sqlite3 and httpx release the interpreter lock while they wait, so
+  the threads overlap the waits: 100 concurrent recalls on pgvector took 0.25 of the time of the same recalls awaited
   one after another (0.29 with a new query each, embedding included). Native async was measured
   against it for the database half of a recall (100 nearest-vector queries, 8 connections):
   psycopg's ``AsyncConnectionPool`` on the loop took 0.079 s against 0.065 s for the sync pool on
