@@ -15,17 +15,18 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   ``AsyncMemoryDriver`` wraps the sync driver ``get_memory_driver(name)`` returns and runs each
   verb on ``default_workers(name)`` threads (``MEMORY_ASYNC_WORKERS``; unset, one per core for
   SQLite and two per core for pgvector, see ``WORKERS_PER_CORE``; for pgvector at most its pool
-  size, so no worker ever waits for a connection). The SQL, the validation and the ranking
-  thus exist once. psycopg, sqlite3 and httpx release the interpreter lock while they wait, so
-  the threads overlap the waits: 100 concurrent recalls on pgvector took 0.25 of the time of the same recalls awaited
-  one after another (0.29 with a new query each, embedding included). Native async was measured
-  against it for the database half of a recall (100 nearest-vector queries, 8 connections):
-  psycopg's ``AsyncConnectionPool`` on the loop took 0.079 s against 0.065 s for the sync pool on
-  8 threads, so no faster; it did keep the loop's worst lateness lower there (11 against 33 ms:
-  the threads' own Python competes for the GIL), the one thing it would buy. For that it would
-  need every driver's SQL and row handling split from its I/O (a second driver per backend, or a
-  rewrite of each) and pools bound to one event loop, where this driver serves any loop. So:
-  threads, also for AutoMem's HTTP (``httpx.Client`` is thread-safe and waits without the GIL).
+  size, so no worker ever waits for a connection). The SQL, the validation and the ranking thus
+  exist once. psycopg, sqlite3 and httpx release the interpreter lock while they wait, so the
+  threads overlap the waits: 100 concurrent recalls on pgvector took 0.25 of the time of the
+  same recalls awaited one after another (0.29 with a new query each, embedding included).
+  Native async was measured against it for the database half of a recall (100 nearest-vector
+  queries, 8 connections): psycopg's ``AsyncConnectionPool`` on the loop took 0.079 s against
+  0.065 s for the sync pool on 8 threads, so no faster; it did keep the loop's worst lateness
+  lower there (11 against 33 ms: the threads' own Python competes for the GIL), the one thing it
+  would buy. For that it would need every driver's SQL and row handling split from its I/O (a
+  second driver per backend, or a rewrite of each) and pools bound to one event loop, where this
+  driver serves any loop. So: threads, also for AutoMem's HTTP (``httpx.Client`` is thread-safe
+  and waits without the GIL).
 - **The embedding model: a child process** (``embed_process.py``; ``MEMORY_ASYNC_EMBED_IN_PROCESS``
   turns it off).
   Loading it (importing torch and sentence-transformers) holds the interpreter lock in stretches
