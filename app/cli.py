@@ -628,18 +628,30 @@ def _add_models_command(commands: Any) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    """``models prepare``: the ONNX folder of the model, made or found intact (idempotent)."""
-    from app.core.memory.onnx_export import prepare
+    """``models prepare``: every ONNX folder the model runs from (the packaged model's fp32 and
+    int8 ones, so that either precision works), each made or found intact (idempotent)."""
+    from app.core.memory.embeddings import PACKAGED_MODELS
+    from app.core.memory.onnx_embedder import INT8_MODEL
+    from app.core.memory.onnx_export import PrepareReport, prepare
 
+    model = args.model or get_settings().embedding_model
+    names = [model, INT8_MODEL] if model in PACKAGED_MODELS else [model]
+    reports: list[PrepareReport] = []
     try:
-        report = prepare(args.model or get_settings().embedding_model, force=args.force)
+        for name in names:
+            reports.append(prepare(name, force=args.force))
     except OSError as exc:  # the model folder cannot be written (permissions, a file in the way)
         print(f"error: cannot write the model folder: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    verb = "prepared" if report.action == "made" else "already prepared"
-    return _emit(args, asdict(report), lambda: (
-        f"{verb}: {report.model} in {report.folder} (model.onnx {report.model_bytes / 1e6:.1f} "
-        f"MB, cosine to torch >= {report.min_cosine_to_torch:.5f}, {report.seconds:.1f} s)"))
+
+    def line(report: PrepareReport) -> str:
+        verb = "prepared" if report.action == "made" else "already prepared"
+        return (f"{verb}: {report.model} in {report.folder} (model.onnx "
+                f"{report.model_bytes / 1e6:.1f} MB, cosine to torch >= "
+                f"{report.min_cosine_to_torch:.5f}, {report.seconds:.1f} s)")
+
+    return _emit(args, [asdict(report) for report in reports],
+                 lambda: "\n".join(line(report) for report in reports))
 
 
 def _add_scope_options(parser: argparse.ArgumentParser) -> None:

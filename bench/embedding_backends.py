@@ -1,9 +1,9 @@
 """The onnx and torch embedding backends side by side (part of ``bench.perf``; runs alone too).
 
-    python -m bench.embedding_backends [--backends onnx,int8,torch] [--rounds 3] [--memories 10000]
+    python -m bench.embedding_backends [--backends int8,fp32,torch] [--rounds 3] [--memories 10000]
 
-``int8`` is the onnx backend running ``all-MiniLM-L6-v2-int8`` (the quantized variant, a model of
-its own: prepare it with ``python -m app models prepare --model all-MiniLM-L6-v2-int8``). Every
+``int8`` is the onnx backend at ``MEMORY_EMBEDDING_PRECISION=int8`` (the default), ``fp32`` the
+same at ``fp32``, ``torch`` sentence-transformers; the same model, all-MiniLM-L6-v2. Every
 figure is measured in new processes, the backends interleaved round by round (the order
 alternating), and reported as the median over the rounds with each backend's ratio to torch:
 
@@ -21,7 +21,7 @@ alternating), and reported as the median over the rounds with each backend's rat
   threads do, which is why both clocks are printed. CPU time is the cost; wall time on an idle
   machine is what a user waits.
 - ``cosine``: min and mean cosine between each backend's vectors of 512 benchmark sentences and
-  torch's (and int8's to onnx's: the bound an int8 variant must keep is 0.98 to fp32).
+  torch's (and int8's to fp32's: the bound an int8 variant must keep is 0.98 to fp32).
 """
 
 from __future__ import annotations
@@ -44,16 +44,14 @@ import numpy as np
 
 from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.embeddings import DEFAULT_MODEL, Embedder, get_default_embedder
-from app.core.memory.onnx_embedder import INT8_MODEL
 from bench.backends import open_backend
 from bench.workload import BASE_TEXTS, BenchEmbedder, base_sentences, make_corpus
 
 QUERIES, RECALLS, STORE_MANY_TEXTS, COLD_MEMORIES = 50, 30, 256, 100
 COLD_QUERY = "what did the coach recommend?"
 #: (figure, key, unit, better when, the issue's target for onnx / torch)
-#: Backend names of this benchmark: (MEMORY_EMBEDDING_BACKEND, MEMORY_EMBEDDING_MODEL).
-SPECS = {"onnx": ("onnx", DEFAULT_MODEL), "torch": ("torch", DEFAULT_MODEL),
-         "int8": ("onnx", INT8_MODEL)}
+#: Backend names of this benchmark: (MEMORY_EMBEDDING_BACKEND, MEMORY_EMBEDDING_PRECISION).
+SPECS = {"int8": ("onnx", "int8"), "fp32": ("onnx", "fp32"), "torch": ("torch", "fp32")}
 FIGURES = [
     ("cold start, new process to first recall", "cold_start_s", "s", "lower", "<= 0.2"),
     ("CLI `python -m app recall`", "cli_recall_s", "s", "lower", ""),
@@ -74,11 +72,11 @@ def compare(backends: Sequence[str], rounds: int, memories: int) -> dict[str, An
         raise ValueError(f"backends must be among {', '.join(SPECS)} (got {unknown})")
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
     with tempfile.TemporaryDirectory() as folder, ExitStack() as stores:
-        # One small store per model: a store holds the vectors of one embedding identity.
+        # One small store per backend, of its own vectors.
         small = {}
-        for model in sorted({SPECS[name][1] for name in backends}):
-            small[model] = stores.enter_context(open_backend("sqlite"))
-            _fill(small[model].driver, COLD_MEMORIES, _embedder(model))
+        for name in backends:
+            small[name] = stores.enter_context(open_backend("sqlite"))
+            _fill(small[name].driver, COLD_MEMORIES, embedder_of(name))
         # The corpus's base vectors, made once (fp32: the scan's cost does not depend on them).
         np.save(Path(folder) / "base.npy", get_default_embedder().embed_documents(
             base_sentences(min(BASE_TEXTS, memories))))
@@ -88,7 +86,7 @@ def compare(backends: Sequence[str], rounds: int, memories: int) -> dict[str, An
                 print(f"  embedding backend {name}, round {round_number + 1}/{rounds}",
                       file=sys.stderr, flush=True)
                 figures = _child(name, memories, Path(folder))
-                location = small[SPECS[name][1]].location
+                location = small[name].location
                 figures["cold_start_s"] = _cold(name, location, ["-c", _COLD_SCRIPT])
                 figures["cli_recall_s"] = _cold(name, location,
                                                 ["-m", "app", "recall", "solo", COLD_QUERY])
@@ -131,17 +129,20 @@ _COLD_SCRIPT = (
 
 
 def _cold(name: str, sqlite_path: str, argv: list[str]) -> float:
-    backend, model = SPECS[name]
-    env = dict(os.environ, MEMORY_EMBEDDING_BACKEND=backend, MEMORY_EMBEDDING_MODEL=model,
-               MEMORY_DRIVER="sqlite", MEMORY_SQLITE_PATH=sqlite_path)
+    backend, precision = SPECS[name]
+    env = dict(os.environ, MEMORY_EMBEDDING_BACKEND=backend, MEMORY_EMBEDDING_MODEL=DEFAULT_MODEL,
+               MEMORY_EMBEDDING_PRECISION=precision, MEMORY_DRIVER="sqlite",
+               MEMORY_SQLITE_PATH=sqlite_path)
     began = time.perf_counter()
     subprocess.run([sys.executable, *argv], env=env, cwd=PROJECT_ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - began
 
 
-def _embedder(model: str) -> Embedder:
-    return get_default_embedder(model, backend="auto" if model == DEFAULT_MODEL else "onnx")
+def embedder_of(name: str) -> Embedder:
+    """The process-wide embedder of backend ``name`` of ``SPECS``."""
+    backend, precision = SPECS[name]
+    return get_default_embedder(DEFAULT_MODEL, backend=backend, precision=precision)
 
 
 def _fill(driver_of: Any, count: int, model: Embedder) -> None:
@@ -164,8 +165,7 @@ def _child(backend: str, memories: int, folder: Path) -> dict[str, float]:
 
 def measure(name: str, memories: int, base_vectors: np.ndarray) -> dict[str, float]:
     """The in-process figures of backend ``name`` (see the module docstring)."""
-    backend, model_name = SPECS[name]
-    model = get_default_embedder(model_name, backend=backend)
+    model = embedder_of(name)
     model.embed_query("load the model")
     queries = [f"{text} - which one was it?" for text in base_sentences(QUERIES)]
     query_ms, query_cpu_ms = [], []
@@ -222,13 +222,12 @@ def own_peak_rss_mb() -> float:
 
 
 def _cosine(backends: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Min and mean cosine of each backend's vectors to torch's (and int8's to onnx's)."""
+    """Min and mean cosine of each backend's vectors to torch's (and int8's to fp32's)."""
     texts = base_sentences(512)
-    vectors = {name: get_default_embedder(SPECS[name][1], backend=SPECS[name][0])
-               .embed_documents(texts) for name in backends}
+    vectors = {name: embedder_of(name).embed_documents(texts) for name in backends}
     pairs = [(name, "torch") for name in backends if name != "torch"]
-    if {"int8", "onnx"} <= set(backends):
-        pairs.append(("int8", "onnx"))
+    if {"int8", "fp32"} <= set(backends):
+        pairs.append(("int8", "fp32"))
     result = {}
     for first, second in pairs:
         cosines = np.sum(vectors[first] * vectors[second], axis=1)
@@ -239,7 +238,7 @@ def _cosine(backends: Sequence[str]) -> dict[str, dict[str, float]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="onnx,torch")
+    parser.add_argument("--backends", default="int8,torch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memories", type=int, default=10_000)
     parser.add_argument("--child", help=argparse.SUPPRESS)

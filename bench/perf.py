@@ -23,7 +23,7 @@ What is measured, per driver, each in a process of its own (so that its peak RSS
 - pgvector only, in a table of its own under the main one: the bare HNSW query over the same
   user's rows on the same table (``bench.pgvector_recall.baseline_figures``), p50 and exact share.
 
-Then the embedding backends side by side (``bench.embedding_backends``: onnx and torch, each in new
+Then the embedding backends side by side (``bench.embedding_backends``: int8 and torch, each in new
 processes, interleaved; ``--backends ""`` skips it).
 
 Output: a markdown table (printed, and written with a JSON file of every figure to
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true",
                         help="pgvector's many-users run at 100 x 10k = 1M memories")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--backends", default="onnx,torch",
+    parser.add_argument("--backends", default="int8,torch",
                         help="embedding backends to compare (empty: none)")
     parser.add_argument("--backend-rounds", type=int, default=3)
     parser.add_argument("--backend-memories", type=int, default=10_000)

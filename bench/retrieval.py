@@ -13,10 +13,13 @@ question category and overall: recall@1/5/10/25 (share of the evidence in the to
 NDCG@10; categories 1-4 are the headline, 5 (adversarial) is reported apart; results belonging to
 another user are counted (must be 0). Baselines, on the same texts in the same run: BM25
 (rank_bm25's BM25Okapi over lower-cased words) and dense-only exact cosine with the same model.
-Each embedding backend of ``--backends`` (default: onnx and torch) runs the whole protocol on a
+Each embedding backend of ``--backends`` (default: int8 and torch) runs the whole protocol on a
 database of its own; its systems are labelled with its name, and the report gives the min and mean
-cosine between the backends' vectors of every turn. The data set is for benchmarking only
-(CC BY-NC 4.0) and is never copied into the project.
+cosine between the backends' vectors of every turn (when there are two). A backend is a name of
+``bench.embedding_backends.SPECS`` (``int8``, ``fp32``, ``torch``) or ``DOCS/QUERIES``, e.g.
+``torch/int8``: the memories embedded by one and the queries by the other, the store a model
+upgrade leaves behind, which decides whether two backends' vectors may share a store. The data
+set is for benchmarking only (CC BY-NC 4.0) and is never copied into the project.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import numpy as np
 
 from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.base import BaseMemoryDriver
-from app.core.memory.embeddings import get_default_embedder
 from app.core.memory.ranking import FusionWeights
 from app.core.memory.time_phrases import window_named_by
 from bench.backends import open_backend
@@ -107,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--sweep", action="store_true",
                         help="also rank with each fusion weighting of SWEEP (the tuning run)")
-    parser.add_argument("--backends", default="onnx,torch",
+    parser.add_argument("--backends", default="int8,torch",
                         help="embedding backends, each measured on its own database")
     args = parser.parse_args(argv)
     if not args.data.is_file():
@@ -121,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vectors: dict[str, list[np.ndarray]] = {}
     for name in names:
         print(f"embedding backend {name} ...", file=sys.stderr, flush=True)
-        embedder = get_default_embedder(backend=name)
+        embedder = embedder_named(name)
         label = f"{name}: " if len(names) > 1 else ""
         foreign += _run(args, conversations, embedder, label, totals,
                         vectors.setdefault(name, []))
@@ -133,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["markdown"] += (f"\n\nCosine between the {' and '.join(vectors)} vectors of "
                                f"{len(cosines)} turns: min {cosines.min():.6f}, mean "
                                f"{cosines.mean():.6f}.")
+    if len(names) > 1:
         report["markdown"] += "\n\n" + _backend_deltas(report["table"], names)
     print(report["markdown"])
     args.output.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     target.write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {target}")
     return 0
+
+
+def embedder_named(spec: str) -> Any:
+    """The embedder of a ``--backends`` item: a backend of ``SPECS``, or ``DOCS/QUERIES``."""
+    from bench.embedding_backends import SPECS, embedder_of
+
+    documents, _, queries = spec.partition("/")
+    for name in (documents, queries or documents):
+        if name not in SPECS:
+            raise SystemExit(f"error: unknown backend {name!r} in {spec!r} (one of "
+                             f"{', '.join(SPECS)}, or DOCS/QUERIES)")
+    if not queries:
+        return embedder_of(documents)
+    return MixedEmbedder(embedder_of(documents), embedder_of(queries))
+
+
+class MixedEmbedder:
+    """Memories embedded by one embedder and queries by another, under the first one's model
+    name (the identity the store records)."""
+
+    def __init__(self, documents: Any, queries: Any) -> None:
+        self._documents, self._queries = documents, queries
+
+    @property
+    def model_name(self) -> str:
+        return str(self._documents.model_name)
+
+    @property
+    def dimension(self) -> int:
+        return int(self._documents.dimension)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self._documents.embed_documents(texts))
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return np.asarray(self._queries.embed_query(text))
 
 
 def _run(args: argparse.Namespace, conversations: list[dict[str, Any]], embedder: Any,
@@ -209,14 +248,16 @@ def _systems(driver: BaseMemoryDriver, user: str, turns: list[tuple[str, str, An
 
 
 def _backend_deltas(table: dict[str, dict[str, dict[str, float]]], names: list[str]) -> str:
-    """Headline (categories 1-4) recall@10 and MRR of the second backend minus the first's."""
-    first, second = names
-    lines = [f"| system (1-4) | recall@10 {second} - {first} | MRR {second} - {first} |",
-             "|---|---:|---:|"]
+    """Headline (categories 1-4) recall@10 and MRR of every other backend minus the first's."""
+    first = names[0]
+    lines = [f"| system (1-4) | backend | recall@10 - {first}'s | MRR - {first}'s |",
+             "|---|---|---:|---:|"]
     for system in ("recall (hybrid)", "dense baseline"):
-        a, b = table[f"{first}: {system}"]["1-4"], table[f"{second}: {system}"]["1-4"]
-        lines.append(f"| {system} | {b['recall@10'] - a['recall@10']:+.4f} | "
-                     f"{b['mrr'] - a['mrr']:+.4f} |")
+        base = table[f"{first}: {system}"]["1-4"]
+        for other in names[1:]:
+            got = table[f"{other}: {system}"]["1-4"]
+            lines.append(f"| {system} | {other} | {got['recall@10'] - base['recall@10']:+.4f} "
+                         f"| {got['mrr'] - base['mrr']:+.4f} |")
     return "\n".join(lines)
 
 

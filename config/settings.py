@@ -20,6 +20,8 @@ _cached: Settings | None = None
 
 #: ``MEMORY_EMBEDDING_BACKEND``: ``auto`` is onnx once the model is prepared, else torch.
 EMBEDDING_BACKENDS = ("auto", "onnx", "torch")
+#: ``MEMORY_EMBEDDING_PRECISION``: the weights the onnx backend runs the packaged model with.
+EMBEDDING_PRECISIONS = ("int8", "fp32")
 
 
 class SettingsError(ValueError):
@@ -52,6 +54,7 @@ class Settings:
     automem_access_flush_seconds: float = 1.0
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_backend: str = "auto"
+    embedding_precision: str = "int8"
     embedding_threads: int = 1
     model_dir: str = ""
     embedding_batch_size: int = 64
@@ -149,6 +152,8 @@ class Settings:
             embedding_model=text("MEMORY_EMBEDDING_MODEL", defaults.embedding_model),
             embedding_backend=_choice(source, "MEMORY_EMBEDDING_BACKEND", EMBEDDING_BACKENDS,
                                       defaults.embedding_backend),
+            embedding_precision=_choice(source, "MEMORY_EMBEDDING_PRECISION",
+                                        EMBEDDING_PRECISIONS, defaults.embedding_precision),
             embedding_threads=int(
                 number("MEMORY_EMBEDDING_THREADS", defaults.embedding_threads)),
             model_dir=text("MEMORY_MODEL_DIR", defaults.model_dir),

@@ -1,8 +1,9 @@
-"""The onnx embedding backend: same vectors as torch, no torch in a process that uses it, clear
-errors for a missing or damaged model folder, and the backend chosen by settings.
+"""The onnx embedding backend: fp32 gives torch's vectors and int8 close ones under the same
+identity, no torch in a process that uses it, clear errors for a missing or damaged model folder,
+and the backend and precision chosen by settings.
 
-The prepared folder of the default model (``python -m app models prepare``, which
-``scripts/install.sh`` runs) is used where it exists and made once per run otherwise. Tests that
+The prepared folders of the default model (``python -m app models prepare``, which
+``scripts/install.sh`` runs) are used where they exist and made once per run otherwise. Tests that
 damage a folder work on a copy in their own ``MEMORY_MODEL_DIR``.
 """
 
@@ -31,7 +32,13 @@ from app.core.memory.embeddings import (
 )
 from app.core.memory.errors import EmbeddingMismatchError, InvalidInputError, MissingDependencyError
 from app.core.memory.long_texts import WholeTextEmbedder
-from app.core.memory.onnx_embedder import INT8_MODEL, MODEL_FILE, OnnxEmbedder, model_folder
+from app.core.memory.onnx_embedder import (
+    INT8_MODEL,
+    MODEL_FILE,
+    ONNX_INT8,
+    OnnxEmbedder,
+    model_folder,
+)
 from app.core.memory.onnx_export import prepare
 from config.settings import Settings, SettingsError, reset_settings
 from tests.conftest import PROJECT_ROOT, migrate_sqlite
@@ -54,6 +61,17 @@ def prepared_folder() -> Path:
     prepare(DEFAULT_MODEL)
     folder = model_folder(DEFAULT_MODEL)
     reset_settings()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared_int8_folder(prepared_folder: Path) -> Path:
+    """The default model's int8 folder, beside ``prepared_folder`` (made now if missing)."""
+    reset_settings()
+    prepare(INT8_MODEL)
+    folder = model_folder(INT8_MODEL)
+    reset_settings()
+    assert folder.parent == prepared_folder.parent
     return folder
 
 
@@ -99,8 +117,9 @@ def test_onnx_vectors_equal_torch_vectors_in_batches_of_mixed_lengths(
     assert onnx_embedder.embed_documents([]).shape == (0, 384)
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_a_process_storing_and_recalling_with_onnx_never_imports_torch(
-        prepared_folder: Path, tmp_path: Path):
+        prepared_folder: Path, prepared_int8_folder: Path, tmp_path: Path, precision: str):
     path = migrate_sqlite(tmp_path / "onnx.sqlite3")
     script = (
         "import sys, json\n"
@@ -113,15 +132,18 @@ def test_a_process_storing_and_recalling_with_onnx_never_imports_torch(
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
         "               ('torch', 'sentence_transformers', 'transformers'))\n"
         "print(json.dumps({'top': found[0]['content'], 'heavy': heavy,\n"
-        "                  'embedder': type(driver.embedder.inner).__name__}))\n"
+        "                  'embedder': type(driver.embedder.inner).__name__,\n"
+        "                  'backend': driver.embedder.backend}))\n"
     )
     env = dict(os.environ, MEMORY_SQLITE_PATH=str(path), MEMORY_DRIVER="sqlite",
-               MEMORY_EMBEDDING_BACKEND="onnx", MEMORY_MODEL_DIR=str(prepared_folder.parent))
+               MEMORY_EMBEDDING_BACKEND="onnx", MEMORY_EMBEDDING_PRECISION=precision,
+               MEMORY_MODEL_DIR=str(prepared_folder.parent))
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result == {"top": "Is allergic to peanuts", "heavy": [], "embedder": "OnnxEmbedder"}
+    assert result == {"top": "Is allergic to peanuts", "heavy": [], "embedder": "OnnxEmbedder",
+                      "backend": ONNX_INT8 if precision == "int8" else "onnx"}
 
 
 def test_a_store_may_hold_torch_and_onnx_vectors(
@@ -186,11 +208,15 @@ def test_prepare_makes_a_damaged_folder_again(copied_folder: Path,
     assert prepare(DEFAULT_MODEL).action == "kept"  # intact now: not exported a third time
 
 
-def test_models_prepare_command_keeps_an_intact_folder(copied_folder: Path,
-                                                      capsys: pytest.CaptureFixture[str]):
-    assert main(["--json", "models", "prepare"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["action"] == "kept" and report["folder"] == str(copied_folder)
+def test_models_prepare_command_keeps_intact_folders(copied_folder: Path,
+                                                     prepared_int8_folder: Path,
+                                                     capsys: pytest.CaptureFixture[str]):
+    int8_copy = model_folder(INT8_MODEL)
+    shutil.copytree(prepared_int8_folder, int8_copy)
+    assert main(["--json", "models", "prepare"]) == 0  # both of the packaged model's folders
+    reports = json.loads(capsys.readouterr().out)
+    assert [(report["action"], report["folder"]) for report in reports] == [
+        ("kept", str(copied_folder)), ("kept", str(int8_copy))]
     assert main(["models", "prepare", "--model", "/no/such/model"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -229,10 +255,24 @@ def _backend_of(embedder: Any) -> Any:
 
 
 def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
-        own_model_dir: Path, prepared_folder: Path, monkeypatch: pytest.MonkeyPatch):
+        own_model_dir: Path, prepared_folder: Path, prepared_int8_folder: Path,
+        monkeypatch: pytest.MonkeyPatch):
     assert isinstance(_backend_of(get_default_embedder()), SentenceTransformerEmbedder)  # none
     shutil.copytree(prepared_folder, model_folder(DEFAULT_MODEL))
-    assert isinstance(_backend_of(get_default_embedder()), OnnxEmbedder)  # auto, now prepared
+    # auto, only fp32 prepared (an install from before int8): onnx in fp32 rather than torch
+    assert resolve_backend(DEFAULT_MODEL, "auto") == "onnx"
+    assert isinstance(_backend_of(get_default_embedder()), OnnxEmbedder)
+    assert resolve_backend(DEFAULT_MODEL, "onnx") == ONNX_INT8  # asked for: int8, the default
+    shutil.copytree(prepared_int8_folder, model_folder(INT8_MODEL))
+    assert resolve_backend(DEFAULT_MODEL, "auto") == ONNX_INT8
+    assert resolve_backend(DEFAULT_MODEL, "auto", "fp32") == "onnx"
+    assert resolve_backend("/some/other/model", "onnx") == "onnx"  # int8 is the packaged one's
+    assert _backend_of(get_default_embedder()).backend == ONNX_INT8
+    monkeypatch.setenv("MEMORY_EMBEDDING_PRECISION", "fp32")
+    reset_settings()
+    fp32 = _backend_of(get_default_embedder())
+    assert fp32.backend == "onnx" and fp32.folder == model_folder(DEFAULT_MODEL)
+    monkeypatch.delenv("MEMORY_EMBEDDING_PRECISION")
     assert isinstance(_backend_of(get_default_embedder(backend="torch")),
                       SentenceTransformerEmbedder)
     monkeypatch.setenv("MEMORY_EMBEDDING_BACKEND", "torch")
@@ -247,12 +287,14 @@ def test_backend_follows_settings_and_auto_prefers_a_prepared_model(
     assert onnx._loaded().session.get_session_options().intra_op_num_threads == 2
     with pytest.raises(SettingsError, match="MEMORY_EMBEDDING_BACKEND must be one of"):
         Settings.from_env({"MEMORY_EMBEDDING_BACKEND": "cuda"})
+    with pytest.raises(SettingsError, match="MEMORY_EMBEDDING_PRECISION must be one of"):
+        Settings.from_env({"MEMORY_EMBEDDING_PRECISION": "int4"})
 
 
-def test_bench_embedding_backends_prints_its_table(prepared_folder: Path):
+def test_bench_embedding_backends_prints_its_table(prepared_int8_folder: Path):
     # One backend, one round, a tiny corpus: the figures' plumbing, not their values.
-    env = dict(os.environ, MEMORY_MODEL_DIR=str(prepared_folder.parent))
-    done = subprocess.run([sys.executable, "-m", "bench.embedding_backends", "--backends", "onnx",
+    env = dict(os.environ, MEMORY_MODEL_DIR=str(prepared_int8_folder.parent))
+    done = subprocess.run([sys.executable, "-m", "bench.embedding_backends", "--backends", "int8",
                            "--rounds", "1", "--memories", "200"], env=env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -261,9 +303,38 @@ def test_bench_embedding_backends_prints_its_table(prepared_folder: Path):
                                   or " texts/s |" in row for row in rows)
 
 
-def test_the_int8_variant_is_a_model_of_its_own_that_only_onnx_runs(
+def test_int8_precision_runs_the_int8_folder_under_the_models_own_name(
+        prepared_int8_folder: Path, sqlite_path: Path,
+        torch_embedder: SentenceTransformerEmbedder):
+    int8 = OnnxEmbedder(DEFAULT_MODEL, int8=True, folder=prepared_int8_folder, batch_size=3)
+    assert int8.model_name == DEFAULT_MODEL and int8.backend == ONNX_INT8
+    got, expected = int8.embed_documents(TEXTS), torch_embedder.embed_documents(TEXTS)
+    cosines = np.sum(got * expected, axis=1)
+    # The bound of an int8 variant: 0.98 to fp32 on sentences (measured 0.985 min on the bench
+    # corpus); texts of a token or two ("ok", the empty one) measured 0.971-0.976.
+    sentences = [c for c, text in zip(cosines, TEXTS, strict=True) if len(text.split()) >= 3]
+    assert min(sentences) >= 0.98 and len(sentences) == 5
+    assert cosines.min() >= 0.96 and float(np.max(cosines)) < 0.9999  # quantized indeed
+    # Measured (bench.retrieval, torch/int8): fp32 memories searched with int8 queries retrieve
+    # within ~0.005 of all-fp32, so a store of torch's (or fp32 onnx's) vectors is read as is.
+    with SqliteDriver(path=sqlite_path, embedder=torch_embedder) as written:
+        ids = [memory["id"] for memory in written.store_many(
+            [{"user_id": "bo", "content": text} for text in TEXTS[:3]])]
+    with SqliteDriver(path=sqlite_path, embedder=int8) as read:
+        found = read.recall("bo", query="dark theme in the editor", top_k=1)
+        health = read.health_check()
+    assert found[0]["id"] == ids[0]
+    assert health["checks"]["embedding"]["status"] == "ok"
+    assert health["checks"]["embedding"]["configured"]["backend"] == ONNX_INT8
+    with pytest.raises(ValueError, match="only the packaged model"):
+        OnnxEmbedder("/some/other/model", int8=True)
+
+
+def test_the_int8_model_name_of_an_earlier_release_is_a_model_of_its_own(
         own_model_dir: Path, prepared_folder: Path, sqlite_path: Path,
-        torch_embedder: SentenceTransformerEmbedder, capsys: pytest.CaptureFixture[str]):
+        capsys: pytest.CaptureFixture[str]):
+    # all-MiniLM-L6-v2-int8 was an opt-in model name before int8 became the default precision;
+    # the stores it made record it, so it stays a name (and an identity) of its own.
     assert resolve_backend(INT8_MODEL, "auto") == "onnx"  # before it is prepared, too
     with pytest.raises(InvalidInputError, match="onnx backend only"):
         resolve_backend(INT8_MODEL, "torch")
@@ -273,15 +344,7 @@ def test_the_int8_variant_is_a_model_of_its_own_that_only_onnx_runs(
     assert "all-MiniLM-L6-v2-int8" in capsys.readouterr().out
     int8 = OnnxEmbedder(INT8_MODEL, batch_size=3)
     assert int8.folder == own_model_dir / INT8_MODEL
-    got, expected = int8.embed_documents(TEXTS), torch_embedder.embed_documents(TEXTS)
-    cosines = np.sum(got * expected, axis=1)
-    # The bound of an int8 variant: 0.98 to fp32 on sentences (measured 0.985 min on the bench
-    # corpus); texts of a token or two ("ok", the empty one) measured 0.971-0.976.
-    sentences = [c for c, text in zip(cosines, TEXTS, strict=True) if len(text.split()) >= 3]
-    assert min(sentences) >= 0.98 and len(sentences) == 5
-    assert cosines.min() >= 0.96 and float(np.max(cosines)) < 0.9999  # quantized indeed
     assert prepare(INT8_MODEL).action == "kept"
-    # Its vectors do not mix with fp32 ones: a store of one is refused to the other.
     fp32 = OnnxEmbedder(DEFAULT_MODEL, folder=prepared_folder)
     with SqliteDriver(path=sqlite_path, embedder=fp32) as written:
         written.store("bo", "Prefers dark mode in every editor")

