@@ -6,7 +6,7 @@ PY := .venv/bin/python
 install:  ## the package (torch CPU build) into .venv, and the ONNX embedding model prepared
 	scripts/install.sh
 
-models:  ## (re)prepare the ONNX embedding model only (python -m app models prepare)
+models:  ## (re)prepare the ONNX embedding model files only (python -m app models prepare)
 	$(PY) -m app models prepare
 
 demo: install  ## install, migrate the SQLite file, store and recall with the real model

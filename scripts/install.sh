@@ -5,7 +5,8 @@
 #      local CPU wheel where pip has one; elsewhere PyPI's default build, which pulls CUDA);
 #   2. the package with the extras named as arguments (e.g. `scripts/install.sh dev`), with torch
 #      pinned by constraints.txt so that nothing replaces it with a CUDA build;
-#   3. `python -m app models prepare`: the ONNX file, exported once from the packaged weights.
+#   3. `python -m app models prepare`: the ONNX files (fp32 and int8), exported once from the
+#      packaged weights.
 # Idempotent: a second run only checks that everything is there. VENV picks another venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
