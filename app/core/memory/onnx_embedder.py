@@ -14,12 +14,13 @@ A model folder (one per model, under ``MEMORY_MODEL_DIR``, by default
   sentence with the vector torch gave it.
 
 The packaged model has a second folder, ``all-MiniLM-L6-v2-int8`` (``INT8_MODEL``): its weight
-matrices quantized to int8 (ONNX Runtime dynamic quantization, see ``onnx_export.py``), ~3x faster
-on a CPU with VNNI/AMX, vectors at cosine ~0.99 to fp32's. ``OnnxEmbedder(..., int8=True)`` runs it
-under the packaged model's own name (``MEMORY_EMBEDDING_PRECISION=int8``, the default), because
-its vectors may share a store with fp32's (measured, README: Embedding backends). The folder's name
-is also a model name of its own (the opt-in of an earlier release, kept for the stores it made).
-Its manifest's check vector is its own, not torch's.
+matrices quantized to int8 (ONNX Runtime dynamic quantization, see ``onnx_export.py``), a query
+~2x faster on a CPU with VNNI/AMX, vectors at cosine ~0.99 to fp32's, each text run alone.
+``OnnxEmbedder(..., int8=True)`` runs it under the packaged model's own name
+(``MEMORY_EMBEDDING_PRECISION=int8``, the default), because its vectors may share a store with
+fp32's (measured, README: Embedding backends). The folder's name is also a model name of its own
+(the opt-in of an earlier release, kept for the stores it made). Its manifest's check vector is
+its own, not torch's.
 
 Loading checks the files' sizes and embeds the check sentence: a missing, truncated or otherwise
 damaged folder, or a tokenizer that no longer tokenizes as it did, is a ``MissingDependencyError``
@@ -71,7 +72,7 @@ class OnnxEmbedder:
     """An ``Embedder`` over a prepared ONNX model folder, loaded lazily and thread-safely.
 
     ``int8``: run the packaged model's int8 folder under the model's own name (``ValueError`` for
-    a model that has none); ``backend`` is then ``onnx-int8``.
+    a model that has none); ``backend`` is then ``onnx-int8``, and ``batch_size`` is 1.
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL, *, folder: Path | None = None,
