@@ -953,15 +953,15 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         # english configuration drops: it matches nothing).
         "q AS (SELECT t.i::int AS i, t.word, plainto_tsquery('english', t.word) AS tsq "
         "FROM unnest(%(terms)s::text[]) WITH ORDINALITY AS t (word, i))",
-        # The scope's rows holding any term, each with the terms it holds: one pass over the
-        # index and those rows gives both the statistics and the keyword candidates.
-        f"matched AS MATERIALIZED (SELECT m.pk, ARRAY(SELECT q.i FROM q WHERE numnode(q.tsq) > 0 "
-        f"AND m.content_tsv @@ q.tsq ORDER BY q.i) AS held FROM {corpus.source} "
-        "WHERE m.content_tsv @@ (SELECT string_agg(tsq::text, ' | ')::tsquery FROM q "
-        f"WHERE numnode(tsq) > 0) AND {scope})",
+        # Each term's holders in the scope, as (term, row) pairs: one bitmap scan of the GIN
+        # index per term. They give the statistics (each term's count) and the keyword
+        # candidates; the rows' terms are gathered from them for the candidates only.
+        f"hold AS MATERIALIZED (SELECT q.i, h.pk FROM q CROSS JOIN LATERAL (SELECT m.pk "
+        f"FROM {corpus.source} WHERE numnode(q.tsq) > 0 AND m.content_tsv @@ q.tsq "
+        f"AND {scope}) AS h)",
         "weighted AS (SELECT q.i, q.word, COALESCE(c.n, 0)::float8 AS n, ln(1 + ((SELECT n FROM "
         "total) - COALESCE(c.n, 0) + 0.5) / (COALESCE(c.n, 0) + 0.5)) AS idf FROM q LEFT JOIN "
-        "(SELECT i, COUNT(*) AS n FROM matched, unnest(held) AS i GROUP BY i) AS c ON c.i = q.i)",
+        "(SELECT i, COUNT(*) AS n FROM hold GROUP BY i) AS c ON c.i = q.i)",
         # ranking.KeywordStats.kept, in SQL: the terms held by at most the common share of the
         # rows, or all of them when none of those is held by any row.
         "rare AS (SELECT i, n, idf FROM weighted WHERE n <= %(common)s * (SELECT n FROM total))",
@@ -970,9 +970,8 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         "(SELECT 1 FROM rare WHERE n > 0))",
         # Candidates: rows holding a kept term, the best idf-weighted coverage first (the
         # division by the kept terms' total idf changes no order), ties to the newest stored.
-        "keyword AS (SELECT pk FROM matched WHERE held && ARRAY(SELECT i FROM kept WHERE n > 0) "
-        "ORDER BY (SELECT COALESCE(sum(k.idf), 0) FROM kept k WHERE k.i = ANY(held)) DESC, "
-        "pk DESC LIMIT %(depth)s)",
+        "keyword AS (SELECT h.pk FROM hold h JOIN kept k ON k.i = h.i AND k.n > 0 "
+        "GROUP BY h.pk ORDER BY sum(k.idf) DESC, h.pk DESC LIMIT %(depth)s)",
     ]
     union = "SELECT pk FROM keyword"
     cosine = "0.0::float8"
@@ -990,14 +989,17 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
         cosine = "1 - (m.embedding <=> %(vector)s::vector)"
     sql = (
-        f"WITH {', '.join(parts)}, candidates AS ({union}) "
+        f"WITH {', '.join(parts)}, candidates AS MATERIALIZED ({union}), "
+        # The query terms each candidate holds (ranking.py reads them for every candidate).
+        "held AS (SELECT hold.pk, array_agg(hold.i ORDER BY hold.i) AS held FROM hold "
+        "JOIN candidates USING (pk) GROUP BY hold.pk) "
         f"SELECT m.pk, {corpus.importance}::float8, "
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
         f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
         "COALESCE(h.held, '{}'::int[]), "
         "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i), "
         f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk "
-        "LEFT JOIN matched h ON h.pk = m.pk"
+        "LEFT JOIN held h ON h.pk = m.pk"
     )
     return sql, values
 
