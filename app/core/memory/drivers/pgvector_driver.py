@@ -146,8 +146,9 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: The schema the driver needs, all of it (every memory read selects ``occurred_at``).
-REQUIRED_MIGRATION = "2026_11_29_000002_add_memories_occurred_at"
+#: The schema the driver needs, all of it (every memory read selects ``occurred_at``; recall
+#: reads ``memory_counts``).
+REQUIRED_MIGRATION = "2026_12_04_000001_add_memory_counts"
 #: A memory row as ``_memory_from_row`` reads it (by position: add columns at the end only).
 _MEMORY_COLUMNS = (
     "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
@@ -302,7 +303,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                         {**params, "limit": top_k}).fetchall()]
                 else:
                     candidates = self._candidate_rows(conn, _MEMORIES, scope, params, text,
-                                                      query_vector, top_k)
+                                                      query_vector, top_k,
+                                                      whole_user=not filters.narrows)
                     # The neighbours' details come with them, in the same statement.
                     nearby: dict[int, ranking.Candidate] = {}
                     ranked = ranking.rank_candidates(
@@ -520,9 +522,14 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
     @_translate_errors
     def store_many(self, items: Iterable[MemoryInput]) -> list[Memory]:
         now = _utcnow()
-        drafts = prepare_store_many(items, now=now)
-        if not drafts:
+        given = prepare_store_many(items, now=now)
+        if not given:
             return []
+        # Written grouped by user (stable: a key's last write still wins). At the commit,
+        # memory_counts' triggers lock each user's counter in the order of the writes, so two
+        # batches for the same users cannot lock them in opposite orders (a deadlock).
+        order = sorted(range(len(given)), key=lambda i: given[i].user_id)
+        drafts = [given[i] for i in order]
         # Chunk i+1 is encoded while chunk i is written, all in one transaction; the first
         # chunk is encoded before a connection is taken from the pool.
         chunks = self._embed_in_chunks([draft.content for draft in drafts])
@@ -543,7 +550,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                     if not cursor.nextset():
                         break
                 vectors = next(chunks, None)
-        return [_memory_from_row(row) for row in rows]
+        written = dict(zip(order, rows, strict=True))
+        return [_memory_from_row(written[i]) for i in range(len(given))]
 
     @_translate_errors
     def list_memories(
@@ -847,13 +855,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         return self.url
 
     def _candidate_rows(self, conn: Any, corpus: _Corpus, scope: str, params: dict[str, Any],
-                        text: str, query_vector: np.ndarray | None,
-                        top_k: int) -> dict[int, ranking.Candidate]:
+                        text: str, query_vector: np.ndarray | None, top_k: int, *,
+                        whole_user: bool = False) -> dict[int, ranking.Candidate]:
         """Every candidate with its importance, recency, id, time, cosine and keyword
         coverage (from the scope's own term statistics, ``ranking.KeywordStats``), by pk."""
         terms = ranking.query_terms(text)
         sql, values = _candidate_query(corpus, scope, params, terms, query_vector, top_k,
-                                       self._exact_scan_max_rows)
+                                       self._exact_scan_max_rows, whole_user)
         rows = conn.execute(sql, values).fetchall()
         if not rows:
             return {}
@@ -873,7 +881,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         ``bench.pgvector_recall --explain``; not part of the contract)."""
         scope, params = _memory_scope(prepare_filters(user_id), _utcnow())
         return _candidate_query(_MEMORIES, scope, params, ranking.query_terms(text),
-                                query_vector, top_k, self._exact_scan_max_rows)
+                                query_vector, top_k, self._exact_scan_max_rows, whole_user=True)
 
 
 # -- module helpers -------------------------------------------------------------------------
@@ -928,9 +936,10 @@ def _configure_session(conn: Any) -> None:
 
 
 def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms: list[str],
-                     query_vector: np.ndarray | None, top_k: int,
-                     exact_max: int) -> tuple[str, dict[str, Any]]:
-    """The candidate statement and its parameters.
+                     query_vector: np.ndarray | None, top_k: int, exact_max: int,
+                     whole_user: bool = False) -> tuple[str, dict[str, Any]]:
+    """The candidate statement and its parameters (``whole_user``: the scope is exactly the
+    visible memories of ``params["user_id"]``, ``_memory_scope`` without a filter).
 
     Its rows: (pk, importance, recency, cosine, public id, occurred, the 1-based indexes of
     ``terms`` the row holds, the scope's row count, each term's row count in the scope,
@@ -943,12 +952,12 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
               "ef_search": str(max(40, depth)), "common": ranking.COMMON_TERM_SHARE}
     parts = [
         # The scope's size (the keyword statistics' N, and what picks exact search or the
-        # index), counted from the (user_id, deleted_at, expires_at) index alone. It also
-        # applies the statement's settings (see the module docstring): every branch reads
-        # "total" before it starts, and pgvector reads its settings when a scan starts.
-        f"total AS (SELECT COUNT(*)::float8 AS n, set_config('hnsw.ef_search', "
-        "%(ef_search)s, true) || set_config('hnsw.iterative_scan', 'strict_order', true) "
-        f"AS settings FROM {corpus.source} WHERE {scope})",
+        # index). It also applies the statement's settings (see the module docstring): every
+        # branch reads "total" before it starts, and pgvector reads its settings when a scan
+        # starts.
+        f"total AS (SELECT ({_scope_size(corpus, scope, whole_user)})::float8 AS n, "
+        "set_config('hnsw.ef_search', %(ef_search)s, true) "
+        "|| set_config('hnsw.iterative_scan', 'strict_order', true) AS settings)",
         # Each query term as the stemmed tsquery the index matches (empty for a word the
         # english configuration drops: it matches nothing).
         "q AS (SELECT t.i::int AS i, t.word, plainto_tsquery('english', t.word) AS tsq "
@@ -1002,6 +1011,17 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         "LEFT JOIN held h ON h.pk = m.pk"
     )
     return sql, values
+
+
+def _scope_size(corpus: _Corpus, scope: str, whole_user: bool) -> str:
+    """SQL for how many rows ``scope`` holds. A whole user's visible memories: the user's count
+    of memories not deleted (``memory_counts``, kept by triggers) less those expired by
+    ``%(now)s``, an index range over the expired ones only; any other scope is counted."""
+    if whole_user:
+        return ("COALESCE((SELECT c.live FROM memory_counts c WHERE c.user_id = %(user_id)s), 0) "
+                "- (SELECT COUNT(*) FROM memories x WHERE x.user_id = %(user_id)s "
+                "AND x.deleted_at IS NULL AND x.expires_at <= %(now)s)")
+    return f"SELECT COUNT(*) FROM {corpus.source} WHERE {scope}"
 
 
 def _neighbours(conn: Any, hits: list[int], count: int, now: datetime,
