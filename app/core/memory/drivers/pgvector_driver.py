@@ -14,8 +14,10 @@ How it works:
   ``migrate`` keeps working after it), and nothing is formatted as text. The text literal it
   replaced cost ~1-2 ms per 384-d vector in Python alone: most of ``store_many``'s database
   side, and of a recall's.
-- ``store_many`` is one transaction, pipelined ``INSERT ... ON CONFLICT`` (upsert by key) with
-  the embeddings computed in batches before it starts.
+- ``store_many`` is one transaction, pipelined ``INSERT ... ON CONFLICT`` (upsert by key),
+  each chunk of embeddings computed while the chunk before is written; the rows are written
+  grouped by user, so that ``memory_counts``' commit-time triggers lock the users' counters in
+  one order in every batch (no deadlock between two batches for the same users).
 
 Recall, and why it is built this way (profiled with ``python -m bench.pgvector_recall
 --explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
@@ -29,7 +31,10 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   construction; the neighbours of the top hits are read by one more statement when they
   spread). The second statement counts the access of the chosen rows and returns them. The
   statements' text is constant per filter combination, so psycopg prepares them after a few
-  calls and PostgreSQL stops re-planning them (0.6-9 ms).
+  calls (parsed once). PostgreSQL still plans the candidate statement for
+  each call's values (~0.6-1 ms at 10k memories): on its generic plan
+  (``plan_cache_mode = force_generic_plan``) it took 8.4 against 4.1 ms, since that plan
+  cannot know the scope's size or the terms' counts.
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
   and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
@@ -37,27 +42,38 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   Parallel workers and JIT are decided at planning, so they are off for the whole pooled session
   (``_configure_session``): at 100k rows the planner gave the never-run exact branch a parallel
   plan, and starting its two workers alone cost ~23 ms a recall.
-- Exact or index: the scope's visible rows are counted by an index-only scan of
-  ``memories_user_visible`` (user_id, deleted_at, expires_at); the same count is the keyword
-  statistics' N. A scope of at most ``exact_scan_max_rows`` rows (the usual case: one user's
+- Exact or index: the scope's size decides. For a whole user (no filter beyond the user) it is
+  read from ``memory_counts`` (kept by triggers, migration 2026_12_04_000001) less the user's
+  expired memories (an index range over those only): constant time. It was counted from the
+  (user_id, deleted_at, expires_at) index: ~1.3-1.6 ms at 10k memories and growing with the
+  user, and recall's own access-count writes clear the pages' all-visible bits, so that
+  "index-only" scan visited the table for a fifth of the rows. A filtered scope is still
+  counted. A scope of at most ``exact_scan_max_rows`` rows (the usual case: one user's
   memories in a shared table) is scanned and sorted exactly; a larger one goes through the HNSW
   index, whose graph the 2026_11_29 migration made denser (m 32, ef_construction 128): at
   ef_search 50 its top 10 is the exact top 10 for 98% of the benchmark's queries on 100k
   memories, against 87% with pgvector's defaults (16, 64), which no ef_search up to 160 brought
-  above 92%. The count is O(rows) of the user (~1 ms at 10k, measured; more at 100k).
-- Keyword side: one pass (``matched``) reads the scope's rows holding any query term, with the
-  terms each holds, through the GIN index; it gives each term's count (the statistics) and the
-  keyword candidates: rows holding a searched term (``KeywordStats.searched``), best
-  idf-weighted coverage first, ties to the newest stored. (The planner's table-wide statistics,
-  used before to skip frequent words, made the ranking depend on other users' data and change
-  after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a common word too.
+  above 92%.
+- Keyword side: each query term's holders in the scope are read as (term, row) pairs, one
+  bitmap scan of the GIN index per term (``hold``); they give each term's count (the
+  statistics) and the keyword candidates: rows holding a searched term
+  (``KeywordStats.searched``), best idf-weighted coverage first (a hash aggregate over the
+  pairs), ties to the newest stored; the terms each candidate holds are gathered from the
+  same pairs, for the candidates only. The pass it replaced read the union of the holders and
+  tested every query term against each row's tsvector in a per-row subplan: 5.0 against
+  4.1 ms for the candidate statement at 10k memories, same rows. (The planner's table-wide
+  statistics, used before to skip frequent words, made the ranking depend on other users'
+  data and change after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a
+  common word too: stopping a term's scan at the common share plus one, as SQLite does, made
+  the statement ~0.5 ms slower at 10k (its planning and the second pass it needs when every
+  held word is common cost more than the rows it saved), so it was left out. At 100k
+  memories this pass is most of the recall: five words in ~3% of the rows each are 15k
+  (term, row) pairs, read from the table because the scope's columns are not in the index.
 - The access-count write stays a HOT update (no index touched) because the 2026_11_29 migration
   leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at fillfactor 85 half of
   these updates found no room on their page and inserted into every index, HNSW included (at
   10k memories the recall statement took ~34 ms with the write against ~14 ms without it on
   the loaded machine; with fillfactor 50, 99% of the updates were HOT and the write ~2 ms).
-- The terms a candidate holds are read for every candidate, vector ones included
-  (ranking.py's rule), as ``content_tsv @@ term`` per query term.
 """
 
 from __future__ import annotations
