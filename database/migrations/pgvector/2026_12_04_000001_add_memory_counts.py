@@ -37,12 +37,15 @@ STATEMENTS = [
     "CREATE TABLE memory_counts (user_id TEXT PRIMARY KEY, live BIGINT NOT NULL)",
     "INSERT INTO memory_counts (user_id, live) "
     "SELECT user_id, COUNT(*) FROM memories WHERE deleted_at IS NULL GROUP BY user_id",
-    "CREATE OR REPLACE FUNCTION memory_counts_count_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "CREATE OR REPLACE FUNCTION memory_counts_count_one() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO memory_counts AS c (user_id, live) VALUES (NEW.user_id, 1) "
     "ON CONFLICT (user_id) DO UPDATE SET live = c.live + 1; RETURN NULL; END $$",
-    "CREATE OR REPLACE FUNCTION memory_counts_uncount_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "CREATE OR REPLACE FUNCTION memory_counts_uncount_one() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$ BEGIN "
     "UPDATE memory_counts SET live = live - 1 WHERE user_id = OLD.user_id; RETURN NULL; END $$",
-    "CREATE OR REPLACE FUNCTION memory_counts_uncount_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "CREATE OR REPLACE FUNCTION memory_counts_uncount_deleted() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$ "
     "DECLARE gone_of_user record; BEGIN "
     "FOR gone_of_user IN SELECT user_id, COUNT(*) AS n FROM gone WHERE deleted_at IS NULL "
     "GROUP BY user_id ORDER BY user_id LOOP "

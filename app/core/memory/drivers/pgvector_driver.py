@@ -23,16 +23,16 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
 --explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
 - Two statements, each its own transaction on the pooled connection switched to autocommit
   (no BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the
-  search). The first (``_candidate_query``) counts the scope's rows and each query term's rows
-  in it (the statistics of ``ranking.KeywordStats``: the user's own rows only, so other users'
-  data never moves a ranking), picks the keyword and vector candidates and returns each with
-  its importance, times, cosine and the query terms it holds. Ranking then runs in Python,
-  ``ranking.py``'s code, the very code the SQLite driver runs (same scores on both drivers, by
-  construction; the neighbours of the top hits are read by one more statement when they
-  spread). The second statement counts the access of the chosen rows and returns them. The
-  statements' text is constant per filter combination, so psycopg prepares them after a few
-  calls (parsed once). PostgreSQL still plans the candidate statement for
-  each call's values (~0.6-1 ms at 10k memories): on its generic plan
+  search). The first (``_candidate_query``) reads the scope's size and counts each query
+  term's rows in it (the statistics of ``ranking.KeywordStats``: the user's own rows only, so
+  other users' data never moves a ranking), picks the keyword and vector candidates and
+  returns each with its importance, times, cosine and the query terms it holds. Ranking then
+  runs in Python, ``ranking.py``'s code, the very code the SQLite driver runs (same scores on
+  both drivers, by construction; the neighbours of the top hits are read by one more statement
+  when they spread). The second statement counts the access of the chosen rows and returns
+  them. The statements' text is constant per filter combination, so psycopg prepares them
+  after a few calls (parsed once). PostgreSQL still plans the candidate statement for each
+  call's values (~0.6-1 ms at 10k memories): on its generic plan
   (``plan_cache_mode = force_generic_plan``) it took 8.4 against 4.1 ms, since that plan
   cannot know the scope's size or the terms' counts.
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
