@@ -30,11 +30,16 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   runs in Python, ``ranking.py``'s code, the very code the SQLite driver runs (same scores on
   both drivers, by construction; the neighbours of the top hits are read by one more statement
   when they spread). The second statement counts the access of the chosen rows and returns
-  them. The statements' text is constant per filter combination, so psycopg prepares them
-  after a few calls (parsed once). PostgreSQL still plans the candidate statement for each
-  call's values (~0.6-1 ms at 10k memories): on its generic plan
-  (``plan_cache_mode = force_generic_plan``) it took 8.4 against 4.1 ms, since that plan
-  cannot know the scope's size or the terms' counts.
+  them. The statements' text is constant per filter combination and candidate depth, so
+  psycopg prepares them after a few calls (parsed once). The candidate statement runs on its
+  generic plan (``plan_cache_mode = force_generic_plan``, set around it alone: two ~0.05 ms
+  round trips), planned once per connection instead of on every call (~0.6-1 ms at 10k
+  memories). That plan is as good as a custom one because the candidate depth is written into
+  the text as each LIMIT: with the LIMITs as parameters the generic plan must guess how many
+  rows they keep, and recall took 10.9 against 6.8 ms on it (10k memories, interleaved); with
+  them written in, 5.8 against 6.8 ms for the custom plans (same lists, same scores). Every
+  other estimate it needs is the same either way: the scope's size and the terms' counts are
+  computed inside the statement, which no plan knows in advance.
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
   and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
@@ -57,9 +62,10 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
 - Keyword side: each query term's holders in the scope are read as (term, row) pairs, one
   bitmap scan of the GIN index per term (``hold``); they give each term's count (the
   statistics) and the keyword candidates: rows holding a searched term
-  (``KeywordStats.searched``), best idf-weighted coverage first (a hash aggregate over the
-  pairs), ties to the newest stored; the terms each candidate holds are gathered from the
-  same pairs, for the candidates only. The pass it replaced read the union of the holders and
+  (``KeywordStats.searched``), best idf-weighted coverage first, ties to the newest stored.
+  One hash aggregate over the pairs (``holders``) gives every holder its coverage and the
+  terms it holds, which the candidates then take from it (a second pass over the pairs for
+  the candidates' terms cost ~0.3 ms more at 10k). The pass before those read the union of the holders and
   tested every query term against each row's tsvector in a per-row subplan: 5.0 against
   4.1 ms for the candidate statement at 10k memories, same rows. (The planner's table-wide
   statistics, used before to skip frequent words, made the ranking depend on other users'
@@ -878,7 +884,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         terms = ranking.query_terms(text)
         sql, values = _candidate_query(corpus, scope, params, terms, query_vector, top_k,
                                        self._exact_scan_max_rows, whole_user)
-        rows = conn.execute(sql, values).fetchall()
+        # Its generic plan (see the module docstring), for this statement only.
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            rows = conn.execute(sql, values).fetchall()
+        finally:
+            if not conn.closed:
+                conn.execute("RESET plan_cache_mode")
         if not rows:
             return {}
         stats = ranking.KeywordStats(int(rows[0][7]), dict(zip(terms, rows[0][8], strict=True)))
@@ -964,7 +976,7 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
     coverage, ties to the newest stored.
     """
     depth = ranking.candidate_depth(top_k)
-    values = {**params, "terms": terms, "depth": depth, "exact_max": exact_max,
+    values = {**params, "terms": terms, "exact_max": exact_max,
               "ef_search": str(max(40, depth)), "common": ranking.COMMON_TERM_SHARE}
     parts = [
         # The scope's size (the keyword statistics' N, and what picks exact search or the
@@ -993,10 +1005,15 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         "kept AS (SELECT i, n, idf FROM rare WHERE EXISTS (SELECT 1 FROM rare WHERE n > 0) "
         "UNION ALL SELECT i, n, idf FROM weighted WHERE NOT EXISTS "
         "(SELECT 1 FROM rare WHERE n > 0))",
-        # Candidates: rows holding a kept term, the best idf-weighted coverage first (the
-        # division by the kept terms' total idf changes no order), ties to the newest stored.
-        "keyword AS (SELECT h.pk FROM hold h JOIN kept k ON k.i = h.i AND k.n > 0 "
-        "GROUP BY h.pk ORDER BY sum(k.idf) DESC, h.pk DESC LIMIT %(depth)s)",
+        # Every holder once, with the query terms it holds and its idf-weighted coverage of
+        # the kept ones (NULL: it holds none of those). One pass over the pairs serves both
+        # the keyword candidates and every candidate's terms.
+        "holders AS MATERIALIZED (SELECT h.pk, sum(k.idf) AS coverage, array_agg(h.i) AS held "
+        "FROM hold h LEFT JOIN kept k ON k.i = h.i GROUP BY h.pk)",
+        # Candidates: rows holding a kept term, the best coverage first (the division by the
+        # kept terms' total idf changes no order), ties to the newest stored.
+        "keyword AS (SELECT pk FROM holders WHERE coverage IS NOT NULL "
+        f"ORDER BY coverage DESC, pk DESC LIMIT {depth})",
     ]
     union = "SELECT pk FROM keyword"
     cosine = "0.0::float8"
@@ -1006,25 +1023,23 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
             # "+ 0" makes the sort key unindexable: an exact scan of the scoped rows.
             f"exact AS (SELECT m.pk FROM {corpus.source} WHERE "
             "(SELECT n <= %(exact_max)s FROM total) "
-            f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 LIMIT %(depth)s)",
+            f"AND {scope} ORDER BY (m.embedding <=> %(vector)s::vector) + 0 LIMIT {depth})",
             f"indexed AS (SELECT m.pk FROM {corpus.source} WHERE "
             "(SELECT n > %(exact_max)s FROM total) "
-            f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT %(depth)s)",
+            f"AND {scope} ORDER BY m.embedding <=> %(vector)s::vector LIMIT {depth})",
         ]
         union += " UNION SELECT pk FROM exact UNION SELECT pk FROM indexed"
         cosine = "1 - (m.embedding <=> %(vector)s::vector)"
     sql = (
-        f"WITH {', '.join(parts)}, candidates AS MATERIALIZED ({union}), "
-        # The query terms each candidate holds (ranking.py reads them for every candidate).
-        "held AS (SELECT hold.pk, array_agg(hold.i ORDER BY hold.i) AS held FROM hold "
-        "JOIN candidates USING (pk) GROUP BY hold.pk) "
+        f"WITH {', '.join(parts)}, candidates AS MATERIALIZED ({union}) "
         f"SELECT m.pk, {corpus.importance}::float8, "
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
         f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
         "COALESCE(h.held, '{}'::int[]), "
         "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i), "
         f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk "
-        "LEFT JOIN held h ON h.pk = m.pk"
+        # The query terms each candidate holds (ranking.py reads them for every candidate).
+        "LEFT JOIN holders h ON h.pk = m.pk"
     )
     return sql, values
 
