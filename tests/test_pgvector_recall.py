@@ -120,3 +120,25 @@ def test_concurrent_recalls_of_the_same_memories_never_deadlock(empty_pg: str, w
     with psycopg.connect(empty_pg) as connection:
         total = connection.execute("SELECT sum(access_count) FROM memories").fetchone()[0]
     assert total == 8 * 25 * 20  # every recall counted each of its 20 results once
+
+
+@pytest.mark.parametrize("own_pool", [True, False])
+def test_a_recall_leaves_no_plan_setting_to_the_next_user_of_its_connection(
+        empty_pg: str, own_pool: bool):
+    """A recall runs its statements on generic plans (``plan_cache_mode``); whatever uses the
+    connection next, another verb or a pool shared with the application, gets the default
+    back: through the driver's own pool's check, or by the recall itself with a pool given."""
+    from psycopg_pool import ConnectionPool
+
+    pool = None if own_pool else ConnectionPool(empty_pg, min_size=1, max_size=1, open=False)
+    driver = PgvectorDriver(url=empty_pg, pool=pool, embedder=WordHashEmbedder(),
+                            pool_min_size=1, pool_max_size=1)
+    try:
+        driver.store("u", "alpha beta gamma")
+        assert driver.recall("u", query="alpha")
+        with driver._connection() as conn:  # the one connection the recall used
+            assert conn.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
+    finally:
+        driver.close()
+        if pool is not None:
+            pool.close()

@@ -31,15 +31,18 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   both drivers, by construction; the neighbours of the top hits are read by one more statement
   when they spread). The second statement counts the access of the chosen rows and returns
   them. The statements' text is constant per filter combination and candidate depth, so
-  psycopg prepares them after a few calls (parsed once). The candidate statement runs on its
-  generic plan (``plan_cache_mode = force_generic_plan``, set around it alone: two ~0.05 ms
-  round trips), planned once per connection instead of on every call (~0.6-1 ms at 10k
-  memories). That plan is as good as a custom one because the candidate depth is written into
-  the text as each LIMIT: with the LIMITs as parameters the generic plan must guess how many
-  rows they keep, and recall took 10.9 against 6.8 ms on it (10k memories, interleaved); with
-  them written in, 5.8 against 6.8 ms for the custom plans (same lists, same scores). Every
-  other estimate it needs is the same either way: the scope's size and the terms' counts are
-  computed inside the statement, which no plan knows in advance.
+  psycopg prepares them after a few calls (parsed once). A recall's statements run on their
+  generic plans (``plan_cache_mode = force_generic_plan``, set before the candidate
+  statement; the pool's check, a round trip every checkout makes anyway, puts the default
+  back for the next user of the connection), planned once per connection instead of on every
+  call (~0.6-1 ms at 10k memories for the candidate statement, ~0.1 ms for the access-count
+  write; the ``RESET`` after the recall that this check replaced cost ~0.15 ms). The
+  candidate statement's generic plan is as good as a custom one because the candidate depth
+  is written into the text as each LIMIT: with the LIMITs as parameters the generic plan must
+  guess how many rows they keep, and recall took 10.9 against 6.8 ms on it (10k memories,
+  interleaved); with them written in, 5.8 against 6.8 ms for the custom plans (same lists,
+  same scores). Every other estimate it needs is the same either way: the scope's size and
+  the terms' counts are computed inside the statement, which no plan knows in advance.
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
   and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
@@ -65,11 +68,11 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   (``KeywordStats.searched``), best idf-weighted coverage first, ties to the newest stored.
   One hash aggregate over the pairs (``holders``) gives every holder its coverage and the
   terms it holds, which the candidates then take from it (a second pass over the pairs for
-  the candidates' terms cost ~0.3 ms more at 10k). The pass before those read the union of the holders and
-  tested every query term against each row's tsvector in a per-row subplan: 5.0 against
-  4.1 ms for the candidate statement at 10k memories, same rows. (The planner's table-wide
-  statistics, used before to skip frequent words, made the ranking depend on other users'
-  data and change after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a
+  the candidates' terms cost ~0.25 ms more at 10k). The pass before those read the union of
+  the holders and tested every query term against each row's tsvector in a per-row subplan:
+  5.0 against 4.1 ms for the candidate statement at 10k memories, same rows. (The planner's
+  table-wide statistics, used before to skip frequent words, made the ranking depend on other
+  users' data and change after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a
   common word too: stopping a term's scan at the common share plus one, as SQLite does, made
   the statement ~0.5 ms slower at 10k (its planning and the second pass it needs when every
   held word is common cost more than the rows it saved), so it was left out. At 100k
@@ -92,7 +95,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -245,11 +248,14 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self.pool_timeout = pool_timeout
         self._pool = pool or ConnectionPool(
             url or "", min_size=pool_min_size, max_size=max(pool_min_size, pool_max_size),
-            timeout=pool_timeout, open=False, check=ConnectionPool.check_connection,
+            timeout=pool_timeout, open=False, check=_check_connection,
             configure=_configure_session,
             kwargs={"connect_timeout": max(1, math.ceil(connect_timeout))},
             name="memory-pgvector",
         )
+        #: Whether every checkout undoes a recall's ``_GENERIC_PLANS`` (this driver's own pool
+        #: does, in its check); with a pool given, the recall undoes it itself.
+        self._pool_resets_plans = pool is None
         self._embedder = embedder
         self._exact_scan_max_rows = exact_scan_max_rows
         self._retention = retention
@@ -884,12 +890,13 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         terms = ranking.query_terms(text)
         sql, values = _candidate_query(corpus, scope, params, terms, query_vector, top_k,
                                        self._exact_scan_max_rows, whole_user)
-        # Its generic plan (see the module docstring), for this statement only.
-        conn.execute("SET plan_cache_mode = force_generic_plan")
+        # Generic plans (see the module docstring) for the rest of this checkout: the pool's
+        # check puts the default back at the next one, in the round trip it makes anyway.
+        conn.execute(_GENERIC_PLANS)
         try:
             rows = conn.execute(sql, values).fetchall()
         finally:
-            if not conn.closed:
+            if not self._pool_resets_plans and not conn.closed:
                 conn.execute("RESET plan_cache_mode")
         if not rows:
             return {}
@@ -951,6 +958,23 @@ _ACCESS_WRITE = (
     "WHERE l.pk = ANY(%(pks)s) ORDER BY l.pk FOR UPDATE OF l)) "
     f"RETURNING {_MEMORY_COLUMNS}"
 )
+
+
+#: Set by recall before its candidate statement (see the module docstring).
+_GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+
+
+def _check_connection(conn: Any) -> None:
+    """The pool's check of a connection on every checkout (``check_connection``: one round
+    trip, raising if the connection is gone), which also puts back the default plan choice
+    that a recall on this connection may have left (``_GENERIC_PLANS``)."""
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        conn.execute("RESET plan_cache_mode")
+    finally:
+        with suppress(Exception):  # a broken connection: the pool discards it
+            conn.autocommit = autocommit
 
 
 def _configure_session(conn: Any) -> None:
@@ -1068,18 +1092,20 @@ def _neighbours(conn: Any, hits: list[int], count: int, now: datetime,
     same = ("m.user_id = h.user_id AND m.conversation_id = h.conversation_id "
             "AND m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > %(now)s)")
     where, params = scope or ("TRUE", {})
+    # The count is written in (0..20, a handful of statements): a recall runs this on generic
+    # plans, which would have to guess how many rows a parameter LIMIT keeps.
     rows = conn.execute(
         "SELECT h.pk, n.pk, n.importance, EXTRACT(EPOCH FROM n.created_at)::float8, n.id, "
         "EXTRACT(EPOCH FROM n.occurred_at)::float8, n.in_scope "
         "FROM memories h CROSS JOIN LATERAL ("
         f"(SELECT m.pk, m.importance, m.created_at, m.id, m.occurred_at, ({where}) AS in_scope "
         f"FROM memories m WHERE {same} AND (m.occurred_at, m.pk) < (h.occurred_at, h.pk) "
-        "ORDER BY m.occurred_at DESC, m.pk DESC LIMIT %(count)s) UNION ALL "
+        f"ORDER BY m.occurred_at DESC, m.pk DESC LIMIT {int(count)}) UNION ALL "
         f"(SELECT m.pk, m.importance, m.created_at, m.id, m.occurred_at, ({where}) AS in_scope "
         f"FROM memories m WHERE {same} AND (m.occurred_at, m.pk) > (h.occurred_at, h.pk) "
-        "ORDER BY m.occurred_at, m.pk LIMIT %(count)s)) AS n "
+        f"ORDER BY m.occurred_at, m.pk LIMIT {int(count)})) AS n "
         "WHERE h.pk = ANY(%(hits)s) ORDER BY h.pk, n.occurred_at, n.pk",
-        {**params, "hits": hits, "count": count, "now": now}).fetchall()
+        {**params, "hits": hits, "now": now}).fetchall()
     around: dict[int, list[int]] = {hit: [] for hit in hits}
     for hit, pk, importance, recency, public_id, occurred, in_scope in rows:
         around[hit].append(pk)
