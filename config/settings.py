@@ -36,6 +36,7 @@ class Settings:
     memory_driver: str = "sqlite"
     sqlite_path: str = "storage/memory.sqlite3"
     sqlite_busy_timeout_ms: int = 5_000
+    sqlite_mmap_bytes: int = 1 << 30
     database_url: str = "postgresql://postgres@127.0.0.1:5432/memory"
     pg_pool_min_size: int = 1
     pg_pool_max_size: int = 10
@@ -121,6 +122,8 @@ class Settings:
             sqlite_busy_timeout_ms=int(
                 number("MEMORY_SQLITE_BUSY_TIMEOUT_MS", defaults.sqlite_busy_timeout_ms)
             ),
+            sqlite_mmap_bytes=int(
+                number("MEMORY_SQLITE_MMAP_BYTES", defaults.sqlite_mmap_bytes)),
             database_url=text("DATABASE_URL", defaults.database_url),
             pg_pool_min_size=int(number("MEMORY_PG_POOL_MIN_SIZE", defaults.pg_pool_min_size)),
             pg_pool_max_size=int(

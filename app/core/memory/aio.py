@@ -35,8 +35,13 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   concurrent queries are encoded together in batches. Installed as the process-wide embedder on
   the first ``get_async_memory_driver`` call, unless a model is loaded in this process already.
   The child runs at a lower CPU priority (``embed_process.CHILD_NICENESS``).
-- **Worker threads started with the driver**, not by the first burst of calls (see
-  ``_start_all_workers``).
+- **Worker threads started with the driver**, not by the first burst of calls: under a burst,
+  ``ThreadPoolExecutor`` started a thread inside ``submit`` for each call that found none idle,
+  and each start waited for a CPU and the GIL on the loop (the first burst of ``bench.aio``
+  kept the loop busy 28-40 ms, against 5-22 ms with the threads already running).
+- **The worker idle last takes the next call** (``worker_pool.WorkerPool``), so a caller that
+  awaits each call keeps one thread and, on SQLite, its connection's warm page cache: over
+  HTTP the service added 2.1 ms to a recall with two workers taking turns, 1.2-1.5 ms so.
 - **Validation on the loop** before dispatch (the same ``validation.py`` checks the drivers run
   again): bad input fails at once instead of queueing behind busy workers. A ``store_many`` of
   more than ``PRECHECK_MAX_ITEMS`` items is checked on its worker only (~60 us an item).
@@ -67,7 +72,7 @@ import functools
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -94,6 +99,7 @@ from app.core.memory.validation import (
     prepare_store,
     prepare_store_many,
 )
+from app.core.memory.worker_pool import WorkerPool
 
 if TYPE_CHECKING:
     from app.core.memory.embeddings import Embedder
@@ -116,11 +122,9 @@ class AsyncMemoryDriver:
         self.driver = driver
         self.name = driver.name
         self.max_workers = max_workers or default_workers(driver.name)
-        self._executor = ThreadPoolExecutor(max_workers=self.max_workers,
-                                            thread_name_prefix=f"memory-{driver.name}")
+        self._executor = WorkerPool(self.max_workers, f"memory-{driver.name}")
         self._closed = False
         self._close_lock = threading.Lock()
-        _start_all_workers(self._executor, self.max_workers)
 
     # -- running a sync verb off the loop --------------------------------------------------------
 
@@ -467,24 +471,6 @@ _EXPORT_BATCH = 256
 #: Largest store_many batch checked on the loop before dispatch: checking costs ~60 us an item
 #: here (measured), so 64 items stay within a few milliseconds of the loop's time.
 PRECHECK_MAX_ITEMS = 64
-
-
-def _start_all_workers(executor: ThreadPoolExecutor, count: int) -> None:
-    """Start every worker thread of ``executor`` now, not on the first calls.
-
-    ``ThreadPoolExecutor`` starts a thread inside ``submit`` when none is idle, and
-    ``Thread.start`` blocks until the new thread has run. Under a burst (``asyncio.gather`` of
-    many calls) that is up to ``count`` waits on the loop, each for a CPU and the GIL while the
-    workers started before it run: measured, the first burst of ``bench.aio`` kept the loop
-    busy 28-40 ms, against 5-22 ms (mostly waiting for a CPU) with the threads started here,
-    where nothing competes yet.
-    Each task waits on ``gate`` until all are submitted, so each gets a thread of its own.
-    """
-    gate = threading.Event()
-    started = [executor.submit(gate.wait) for _ in range(count)]
-    gate.set()
-    for future in started:
-        future.result()
 
 
 #: Worker threads per CPU core when ``MEMORY_ASYNC_WORKERS`` is not set (``bench.aio``, 2 cores,

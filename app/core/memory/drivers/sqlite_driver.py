@@ -7,6 +7,13 @@ migrate.py``); the driver issues no DDL and raises ``SchemaNotMigratedError`` on
 How it works:
 - WAL, ``busy_timeout`` and foreign keys on every connection; one connection per thread; every
   write is one ``BEGIN IMMEDIATE`` transaction, every search one read transaction (one snapshot).
+- Reads go through memory mapping (``mmap_bytes``, 1 GiB by default; 0 turns it off): a recall
+  at 10k memories reads ~2,000 rows (each query term's holders, then the candidates), more
+  than a connection's 2 MB page cache holds, and SQLite empties a connection's whole cache
+  when another connection has written (the service's worker threads, each with its own
+  connection, take turns writing access counts). Mapped, the pages come from the operating
+  system's cache without a ``read()`` call each: recall p50 at 10k memories 5.3 -> 3.4 ms on
+  one thread, 5.6 -> 4.4 ms with two threads taking turns (interleaved, same file).
 - Connections and faults (see ``_connection``): a thread's connection is closed when the thread
   ends; one that met a schema error is discarded (the next call opens a new one); the file is
   never created by the driver, and a file deleted or replaced under it is noticed on every call.
@@ -116,6 +123,9 @@ _MEMORY_COLUMNS = (
 
 #: How long a recall's access-count write waits for the write lock before it is deferred.
 ACCESS_WRITE_WAIT_MS = 50
+#: How much of the file each connection reads through memory mapping (``MEMORY_SQLITE_MMAP_BYTES``;
+#: see the module docstring).
+DEFAULT_MMAP_BYTES = 1 << 30
 #: Deferred access counts kept at most (memory ids); beyond it the oldest are dropped.
 MAX_PENDING_ACCESS = 10_000
 
@@ -189,7 +199,8 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
     def __init__(self, *, path: str | Path, embedder: Embedder | None = None,
                  busy_timeout_ms: int = 5_000, retention: timedelta = timedelta(days=30),
                  vector_cache_max_vectors: int = 2_000_000, vector_cache_max_bytes: int = 0,
-                 weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS) -> None:
+                 weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS,
+                 mmap_bytes: int = DEFAULT_MMAP_BYTES) -> None:
         if str(path) == MEMORY_DATABASE:
             raise InvalidInputError(
                 "path must be a file: each thread opens its own connection, and ':memory:' would "
@@ -198,6 +209,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         self.path = Path(path).expanduser()
         self._embedder = embedder
         self._busy_timeout_ms = busy_timeout_ms
+        self._mmap_bytes = mmap_bytes
         self._retention = retention
         self._vector_cache_max = vector_cache_max_vectors
         self._vector_cache_max_bytes = vector_cache_max_bytes
@@ -224,6 +236,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         driver = cls(
             path=settings.sqlite_path,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            mmap_bytes=settings.sqlite_mmap_bytes,
             retention=timedelta(days=settings.soft_delete_retention_days),
             vector_cache_max_vectors=settings.vector_cache_max_vectors,
             vector_cache_max_bytes=settings.vector_cache_max_bytes,
@@ -726,7 +739,7 @@ class SqliteDriver(EmbeddingSupport, BaseMemoryDriver):
         if holder is None:
             try:
                 connection = open_sqlite(self.path, busy_timeout_ms=self._busy_timeout_ms,
-                                         create=False)
+                                         create=False, mmap_bytes=self._mmap_bytes)
             except sqlite3.OperationalError as exc:
                 if not self.path.exists():
                     raise self._missing_file_error() from exc
