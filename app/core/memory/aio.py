@@ -41,7 +41,8 @@ Layering (decided by measurement, ``python -m bench.aio``, on the 2-core develop
   kept the loop busy 28-40 ms, against 5-22 ms with the threads already running).
 - **The worker idle last takes the next call** (``worker_pool.WorkerPool``), so a caller that
   awaits each call keeps one thread and, on SQLite, its connection's warm page cache: over
-  HTTP the service added 2.1 ms to a recall with two workers taking turns, 1.2-1.5 ms so.
+  HTTP (``bench.service``, one caller) the service added 2.1-2.6 ms to a recall while two
+  workers took turns, 1.3 ms with one worker taking them all.
 - **Validation on the loop** before dispatch (the same ``validation.py`` checks the drivers run
   again): bad input fails at once instead of queueing behind busy workers. A ``store_many`` of
   more than ``PRECHECK_MAX_ITEMS`` items is checked on its worker only (~60 us an item).

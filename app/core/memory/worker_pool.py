@@ -5,10 +5,11 @@ one caller (an agent awaiting each recall before the next) go to the workers in 
 SQLite driver each worker thread has its own connection, and SQLite empties a connection's
 whole page cache once another connection has written (a recall writes access counts), so in
 turn every recall started cold; the CPU's caches of the last call's thread were cold too.
-Measured over HTTP (``bench.service``, 10k memories, one caller): the service added 2.1 ms to an
-in-process recall with two workers taking turns, 1.2-1.5 ms with one worker. Here the worker
-that finished last takes the next call (a stack of idle workers), so one caller keeps one
-thread and its connection, while concurrent callers still get every worker.
+Measured over HTTP (``bench.service``, 10k memories, one caller): the service added 2.1-2.6 ms
+to an in-process recall while two workers took turns, 1.2-1.5 ms with a single worker, and
+1.3 ms with this pool of two. Here the worker that finished last takes the next call (a stack
+of idle workers), so one caller keeps one thread and its connection, while concurrent callers
+still get every worker (4 callers: 0.89x the in-process calls/s, as before).
 
 The pool's threads start with it (a burst of first calls never waits for thread starts on the
 event loop, see ``aio.py``). Calls queue in the order submitted once every worker is busy. A
