@@ -43,6 +43,7 @@ class Settings:
     pg_pool_timeout: float = 5.0
     pg_connect_timeout: float = 5.0
     pg_exact_scan_max_rows: int = 5_000
+    pg_access_flush_seconds: float = 1.0
     automem_url: str = "http://127.0.0.1:8001"
     automem_api_token: str = ""
     automem_connect_timeout: float = 5.0
@@ -134,6 +135,8 @@ class Settings:
                 number("MEMORY_PG_CONNECT_TIMEOUT", defaults.pg_connect_timeout, float)),
             pg_exact_scan_max_rows=int(
                 number("MEMORY_PG_EXACT_SCAN_MAX_ROWS", defaults.pg_exact_scan_max_rows)),
+            pg_access_flush_seconds=float(number(
+                "MEMORY_PG_ACCESS_FLUSH_SECONDS", defaults.pg_access_flush_seconds, float)),
             automem_url=text("AUTOMEM_URL", text("AUTOMEM_ENDPOINT", defaults.automem_url)),
             automem_api_token=text("AUTOMEM_API_TOKEN", text("AUTOMEM_API_KEY", "")),
             automem_connect_timeout=float(number("AUTOMEM_CONNECT_TIMEOUT",

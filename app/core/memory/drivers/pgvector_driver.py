@@ -21,32 +21,35 @@ How it works:
 
 Recall, and why it is built this way (profiled with ``python -m bench.pgvector_recall
 --explain`` at 1k, 10k, 100k memories of one user and 100 users x 1k; figures in the README):
-- Two statements, each its own transaction on the pooled connection switched to autocommit
-  (no BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the
-  search). The first (``_candidate_query``) reads the scope's size and counts each query
-  term's rows in it (the statistics of ``ranking.KeywordStats``: the user's own rows only, so
-  other users' data never moves a ranking), picks the keyword and vector candidates and
-  returns each with its importance, times, cosine and the query terms it holds. Ranking then
-  runs in Python, ``ranking.py``'s code, the very code the SQLite driver runs (same scores on
-  both drivers, by construction; the neighbours of the top hits are read by one more statement
-  when they spread). The second statement counts the access of the chosen rows and returns
-  them. The statements' text is constant per filter combination and candidate depth, so
-  psycopg prepares them after a few calls (parsed once). A recall's statements run on their
-  generic plans (``plan_cache_mode = force_generic_plan``, set before the candidate
-  statement; the pool's check, a round trip every checkout makes anyway, puts the default
-  back for the next user of the connection), planned once per connection instead of on every
-  call (~0.6-1 ms at 10k memories for the candidate statement, ~0.1 ms for the access-count
-  write; the ``RESET`` after the recall that this check replaced cost ~0.15 ms). The
-  candidate statement's generic plan is as good as a custom one because the candidate depth
-  is written into the text as each LIMIT: with the LIMITs as parameters the generic plan must
-  guess how many rows they keep, and recall took 10.9 against 6.8 ms on it (10k memories,
-  interleaved); with them written in, 5.8 against 6.8 ms for the custom plans (same lists,
-  same scores). Every other estimate it needs is the same either way: the scope's size and
-  the terms' counts are computed inside the statement, which no plan knows in advance.
+- Two statements, each its own transaction on the pooled connection switched to autocommit (no
+  BEGIN and COMMIT round trips: on a loaded machine each cost 1-6 ms, as much as the search).
+  The first (``_candidate_query``) reads the scope's size and counts each query term's rows in
+  it (the statistics of ``ranking.KeywordStats``: the user's own rows only, so other users' data
+  never moves a ranking), picks the keyword and vector candidates and returns each with its
+  importance, times, cosine and the query terms it holds. Ranking then runs in Python,
+  ``ranking.py``'s code, the very code the SQLite driver runs (same scores on both drivers, by
+  construction; the neighbours of the top hits are read by one more statement when they spread).
+  The second statement reads the chosen rows; their accesses are counted by ``pgvector_access``
+  and written in batches off the recall's path (~0.5 ms of a ~5 ms recall at 10k memories when
+  the recall wrote them itself; the records still show the new counts, and every other verb of
+  this process reads them). The statements' text is constant per filter combination and
+  candidate depth, so psycopg prepares them after a few calls (parsed once). A recall's
+  statements run on their generic plans (``plan_cache_mode = force_generic_plan``, set before
+  the candidate statement; the pool's check, a round trip every checkout makes anyway, puts the
+  default back for the next user of the connection), planned once per connection instead of on
+  every call (~0.6-1 ms at 10k memories for the candidate statement; the ``RESET`` after the
+  recall that this check replaced cost ~0.15 ms). The candidate statement's generic plan is as
+  good as a custom one because the candidate depth is written into the text as each LIMIT: with
+  the LIMITs as parameters the generic plan must guess how many rows they keep, and recall took
+  10.9 against 6.8 ms on it (10k memories, interleaved); with them written in, 5.8 against 6.8
+  ms for the custom plans (same lists, same scores). Every other estimate it needs is the same
+  either way: the scope's size and the terms' counts are computed inside the statement, which no
+  plan knows in advance.
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
-  and ``synchronous_commit = off`` (the access count is bookkeeping, not worth a WAL flush per
-  read) are set by ``set_config(..., true)`` inside the statement, before any scan starts.
+  are set by ``set_config(..., true)`` inside the statement, before any scan starts (the
+  access-count write sets ``synchronous_commit = off`` the same way: bookkeeping, not worth a
+  WAL flush).
   Parallel workers and JIT are decided at planning, so they are off for the whole pooled session
   (``_configure_session``): at 100k rows the planner gave the never-run exact branch a parallel
   plan, and starting its two workers alone cost ~23 ms a recall.
@@ -78,15 +81,17 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   held word is common cost more than the rows it saved), so it was left out. At 100k
   memories this pass is most of the recall: five words in ~3% of the rows each are 15k
   (term, row) pairs, read from the table because the scope's columns are not in the index.
-- The access-count write stays a HOT update (no index touched) because the 2026_11_29 migration
-  leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at fillfactor 85 half of
-  these updates found no room on their page and inserted into every index, HNSW included (at
-  10k memories the recall statement took ~34 ms with the write against ~14 ms without it on
-  the loaded machine; with fillfactor 50, 99% of the updates were HOT and the write ~2 ms).
+- The access-count write (``_ACCESS_WRITE``) stays a HOT update (no index touched) because the
+  2026_11_29 migration leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at
+  fillfactor 85 half of these updates found no room on their page and inserted into every index,
+  HNSW included (at 10k memories the recall statement took ~34 ms with the write against ~14 ms
+  without it on the loaded machine; with fillfactor 50, 99% of the updates were HOT and the
+  write ~2 ms).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import math
@@ -94,6 +99,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -108,6 +114,7 @@ from app.core.memory.base import BaseMemoryDriver, Progress
 from app.core.memory.chunking import chunk_text
 from app.core.memory.cursors import CURSOR_GONE, decode_cursor, encode_cursor, listing_scope
 from app.core.memory.drivers import pgvector_transfer as transfer
+from app.core.memory.drivers.pgvector_access import AccessCounts, Pending
 from app.core.memory.drivers.pgvector_connection import (
     check_url,
     connection_cause,
@@ -227,7 +234,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                  pool_max_size: int = 10, pool_timeout: float = 5.0,
                  connect_timeout: float = 5.0, exact_scan_max_rows: int = 5_000,
                  retention: timedelta = timedelta(days=30),
-                 weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS) -> None:
+                 weights: ranking.FusionWeights = ranking.DEFAULT_WEIGHTS,
+                 access_flush_seconds: float = 1.0) -> None:
         try:
             from psycopg_pool import ConnectionPool
         except ImportError as exc:
@@ -265,6 +273,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self._closed = False
         self._schema_checked = False
         self._identity_checked = False
+        self._accesses = AccessCounts(access_flush_seconds)
+        atexit.register(_write_accesses_at_exit, weakref.ref(self))
 
     @classmethod
     def from_settings(cls) -> PgvectorDriver:
@@ -278,6 +288,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             connect_timeout=settings.pg_connect_timeout,
             exact_scan_max_rows=settings.pg_exact_scan_max_rows,
             retention=timedelta(days=settings.soft_delete_retention_days),
+            access_flush_seconds=settings.pg_access_flush_seconds,
         )
         driver.slow_operation_ms = settings.slow_operation_ms
         return driver
@@ -316,7 +327,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text) if text is not None and use_vector else None
         now = _utcnow()
         scope, params = _memory_scope(filters, now)
-        with self._connection() as conn:
+        with self._connection(own_accesses=False) as conn:
             if conn.info.transaction_status:  # not idle: the first call's schema check
                 conn.commit()
             # Each statement its own transaction: no BEGIN and COMMIT round trips (on a busy
@@ -324,7 +335,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             conn.autocommit = True
             try:
                 if text is None:
-                    # The newest first: picked, counted and returned by one statement.
+                    # The newest first.
                     ranked = [(row[0], 1.0) for row in conn.execute(
                         f"SELECT m.pk FROM memories m WHERE {scope} "
                         "ORDER BY m.occurred_at DESC, m.created_at DESC, m.pk DESC LIMIT %(limit)s",
@@ -341,26 +352,36 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                         neighbours_of=lambda hits, distance: _neighbours(
                             conn, hits, distance, now, (scope, params), nearby),
                         details_of=lambda pks: {pk: nearby[pk] for pk in pks if pk in nearby})
-                rows = conn.execute(_ACCESS_WRITE, {"pks": [pk for pk, _ in ranked],
-                                                    "now": now}).fetchall() if ranked else []
+                # The accesses are counted by pgvector_access (written off this path); the
+                # rows are read with the counts pending, so that the records show the new
+                # values.
                 around = (_neighbours(conn, [pk for pk, _ in ranked], when.context, now)
                           if when.context else {})
-                context_rows = {row[0]: row for row in conn.execute(
-                    f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE m.pk = ANY(%s)",
-                    ([pk for pks in around.values() for pk in pks],)).fetchall()
-                } if around else {}
+                with self._accesses.reading():
+                    rows = conn.execute(
+                        f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE m.pk = ANY(%s)",
+                        ([pk for pk, _ in ranked],)).fetchall() if ranked else []
+                    earlier = self._accesses.record([row[0] for row in rows], now)
+                    context_rows = {row[0]: row for row in conn.execute(
+                        f"SELECT {_MEMORY_COLUMNS} FROM memories m WHERE m.pk = ANY(%s)",
+                        ([pk for pks in around.values() for pk in pks],)).fetchall()
+                    } if around else {}
+                    context_pending = self._accesses.pending_of(list(context_rows))
             finally:
                 if not conn.closed:  # a broken connection is discarded by the pool anyway
                     conn.autocommit = False
+        if rows:
+            self._accesses.start(self._write_pending_accesses)
         by_pk = {row[0]: row for row in rows}
         memories: list[Memory] = []
         for pk, score in ranked:
             if pk in by_pk:
-                memory = _memory_from_row(by_pk[pk])
+                memory = _memory_from_row(by_pk[pk], (earlier[pk] + 1, now))
                 memory["score"] = round(score, 6)
                 if when.context:
-                    memory["context"] = [_memory_from_row(context_rows[near])
-                                         for near in around.get(pk, []) if near in context_rows]
+                    memory["context"] = [
+                        _memory_from_row(context_rows[near], context_pending.get(near))
+                        for near in around.get(pk, []) if near in context_rows]
                 memories.append(memory)
         return memories
 
@@ -374,7 +395,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text)
         scope, params = ("d.category = %(category)s", {"category": category}) if category else (
             "TRUE", {})
-        with self._connection() as conn, conn.pipeline():
+        with self._connection(own_accesses=False) as conn, conn.pipeline():
             candidates = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text,
                                               query_vector, top_k)
             ranked = ranking.rank_candidates(candidates, top_k, self._weights)
@@ -772,6 +793,16 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             self._identity_checked = False  # another model may now be recorded
 
     def close(self) -> None:
+        """Write the access counts still pending (best effort), then close the pool."""
+        self._accesses.stop()
+        with self._lock:
+            opened = self._opened and not self._closed
+        if opened and self._accesses.has_pending():
+            try:
+                self._write_pending_accesses()
+            except MemoryDriverError as exc:
+                logger.warning("closing: the access counts of recent recalls were not written "
+                               "(%s)", type(exc).__name__)
         with self._lock:
             opened, self._opened = self._opened, False
             self._closed = True
@@ -796,8 +827,12 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 logger.info("opened PostgreSQL memory store %s", self.url)  # redacted
 
     @contextmanager
-    def _connection(self) -> Iterator[Any]:
-        """A pooled connection inside one transaction (committed on success)."""
+    def _connection(self, *, own_accesses: bool = True) -> Iterator[Any]:
+        """A pooled connection inside one transaction (committed on success).
+
+        ``own_accesses`` (every verb but recall): the access counts pending in this process are
+        written first, on this connection, so that what the verb reads includes them.
+        """
         self._open_pool()
         with self._pool.connection() as conn:
             if not self._schema_checked:
@@ -807,7 +842,15 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                         "`python migrate.py --database pgvector`"
                     )
                 self._schema_checked = True
+            if own_accesses and self._accesses.has_pending():
+                self._accesses.write_pending(lambda pending: _write_accesses(conn, pending))
             yield conn
+
+    @_translate_errors
+    def _write_pending_accesses(self) -> None:
+        """Write the access counts pending in this process (the access thread, ``close``)."""
+        with self._connection():
+            pass
 
     def _check_written_identity(self, conn: Any) -> None:
         """Refuse a vector write unless the recorded model is this driver's (another process may
@@ -947,17 +990,33 @@ _KNOWLEDGE = _Corpus(
     "0.5", "d.updated_at", "d.doc_id || '#' || m.chunk_index", "d.updated_at", "FALSE",
 )
 
-#: Recall's access-count write: locks the chosen rows in primary-key order (concurrent
-#: recalls with overlapping results would otherwise lock them in their join's order and
-#: deadlock), counts the access and returns the rows. Bookkeeping: its transaction commits
-#: with ``synchronous_commit`` off, not waiting for a WAL flush on every read.
+#: Writes access counts (``pgvector_access``): locks the rows in primary-key order (two writes
+#: of overlapping rows would otherwise lock them in their join's order and could deadlock), adds
+#: each memory's count and keeps its latest access time. Bookkeeping: its transaction commits
+#: with ``synchronous_commit`` off, not waiting for a WAL flush.
 _ACCESS_WRITE = (
-    "UPDATE memories m SET access_count = m.access_count + 1, last_accessed_at = %(now)s "
-    "WHERE m.pk = ANY(ARRAY(SELECT l.pk FROM memories l, "
+    "UPDATE memories m SET access_count = m.access_count + a.n, "
+    "last_accessed_at = GREATEST(COALESCE(m.last_accessed_at, a.at), a.at) "
+    "FROM unnest(%(pks)s::bigint[], %(counts)s::int[], %(ats)s::timestamptz[]) AS a (pk, n, at) "
+    "WHERE m.pk = a.pk AND m.pk = ANY(ARRAY(SELECT l.pk FROM memories l, "
     "(SELECT set_config('synchronous_commit', 'off', true)) AS settings "
-    "WHERE l.pk = ANY(%(pks)s) ORDER BY l.pk FOR UPDATE OF l)) "
-    f"RETURNING {_MEMORY_COLUMNS}"
+    "WHERE l.pk = ANY(%(pks)s::bigint[]) ORDER BY l.pk FOR UPDATE OF l))"
 )
+
+
+def _write_accesses(conn: Any, pending: Pending) -> None:
+    """Add ``pending`` access counts to the memories (those still there) and commit."""
+    pks = sorted(pending)
+    conn.execute(_ACCESS_WRITE, {"pks": pks, "counts": [pending[pk][0] for pk in pks],
+                                 "ats": [pending[pk][1] for pk in pks]})
+    conn.commit()
+
+
+def _write_accesses_at_exit(driver: weakref.ref[PgvectorDriver]) -> None:
+    """At interpreter exit, write the access counts a driver nobody closed still holds."""
+    alive = driver()
+    if alive is not None and not alive._closed:
+        alive.close()
 
 
 #: Set by recall before its candidate statement (see the module docstring).
@@ -1260,7 +1319,11 @@ def _cursor_anchor(conn: Any, memory_id: str, user_id: str) -> int:
     return int(row[0])
 
 
-def _memory_from_row(row: tuple[Any, ...]) -> Memory:
+def _memory_from_row(row: tuple[Any, ...],
+                     unwritten: tuple[int, datetime] | None = None) -> Memory:
+    """The record of a row of ``_MEMORY_COLUMNS``, with ``unwritten``: the accesses this
+    process counted and has not written yet and the last one's time (``pgvector_access``)."""
+    count, last = unwritten or (0, None)
     return {
         "id": row[1],
         "user_id": row[2],
@@ -1272,8 +1335,8 @@ def _memory_from_row(row: tuple[Any, ...]) -> Memory:
         "tags": list(row[8]),
         "metadata": dict(row[9]),
         "importance": float(row[10]),
-        "access_count": row[11],
-        "last_accessed_at": _utc(row[12]),
+        "access_count": row[11] + count,
+        "last_accessed_at": last or _utc(row[12]),
         "expires_at": _utc(row[13]),
         "deleted_at": _utc(row[14]),
         "created_at": row[15].astimezone(UTC),
