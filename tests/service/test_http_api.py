@@ -46,7 +46,9 @@ def test_every_memory_endpoint(service: Service) -> None:
         assert dated["occurred_at"] == "2031-01-01T00:00:00Z"
         assert undated["occurred_at"] == undated["created_at"]
         naive = http.post("/v1/memories", json={"content": "x", "occurred_at": "2023-05-07T14:30"})
-        assert "occurred_at" in error_of(naive, 422, "invalid_input")
+        message = error_of(naive, 422, "invalid_input")
+        assert "occurred_at" in message
+        assert "ISO 8601 time with a UTC offset" in message  # the rule as JSON writes it
 
         found = http.post("/v1/memories/search", json={"query": "editor colour theme",
                                                         "top_k": 1})

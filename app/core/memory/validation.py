@@ -45,7 +45,8 @@ DEFAULT_NAMESPACE = "default"
 OCCURRED_AT_MIN = datetime(1, 1, 2, tzinfo=UTC)
 OCCURRED_AT_END = datetime(9999, 12, 31, tzinfo=UTC)
 OCCURRED_AT_RULE = ("a timezone-aware datetime from 0001-01-02 to 9999-12-30 (UTC), "
-                    "e.g. datetime(2023, 5, 7, tzinfo=timezone.utc)")
+                    "e.g. datetime(2023, 5, 7, tzinfo=timezone.utc), or in JSON an ISO 8601 "
+                    "time with a UTC offset, e.g. \"2023-05-07T14:30:00Z\"")
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
