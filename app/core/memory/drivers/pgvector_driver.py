@@ -34,17 +34,18 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   the recall wrote them itself; the records still show the new counts, and every other verb of
   this process reads them). The statements' text is constant per filter combination and
   candidate depth, so psycopg prepares them after a few calls (parsed once). A recall's
-  statements run on their generic plans (``plan_cache_mode = force_generic_plan``, set before
-  the candidate statement; the pool's check, a round trip every checkout makes anyway, puts the
-  default back for the next user of the connection), planned once per connection instead of on
-  every call (~0.6-1 ms at 10k memories for the candidate statement; the ``RESET`` after the
-  recall that this check replaced cost ~0.15 ms). The candidate statement's generic plan is as
-  good as a custom one because the candidate depth is written into the text as each LIMIT: with
-  the LIMITs as parameters the generic plan must guess how many rows they keep, and recall took
-  10.9 against 6.8 ms on it (10k memories, interleaved); with them written in, 5.8 against 6.8
-  ms for the custom plans (same lists, same scores). Every other estimate it needs is the same
-  either way: the scope's size and the terms' counts are computed inside the statement, which no
-  plan knows in advance.
+  statements run on their generic plans (``plan_cache_mode = force_generic_plan``), planned once
+  per connection instead of on every call (~0.6-1 ms at 10k memories for the candidate
+  statement). The setting travels in the pool's check, a round trip every checkout makes anyway,
+  which sets the plan choice each checkout asks for (``_check_connection``): a recall with a
+  query gets generic plans, any other use the default back (a ``SET`` of its own and a ``RESET``
+  after it cost a recall ~0.15 ms each). The candidate statement's generic plan is as good as a
+  custom one because the candidate depth is written into the text as each LIMIT: with the LIMITs
+  as parameters the generic plan must guess how many rows they keep, and recall took 10.9
+  against 6.8 ms on it (10k memories, interleaved); with them written in, 5.8 against 6.8 ms for
+  the custom plans (same lists, same scores). Every other estimate it needs is the same either
+  way: the scope's size and the terms' counts are computed inside the statement, which no plan
+  knows in advance.
 - Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
   are set by ``set_config(..., true)`` inside the statement, before any scan starts (the
@@ -261,9 +262,9 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
             kwargs={"connect_timeout": max(1, math.ceil(connect_timeout))},
             name="memory-pgvector",
         )
-        #: Whether every checkout undoes a recall's ``_GENERIC_PLANS`` (this driver's own pool
-        #: does, in its check); with a pool given, the recall undoes it itself.
-        self._pool_resets_plans = pool is None
+        #: Whether every checkout sets the plan choice its user asks for (this driver's own pool
+        #: does, in its check: ``_check_connection``); with a pool given, recall sets its own.
+        self._pool_sets_plans = pool is None
         self._embedder = embedder
         self._exact_scan_max_rows = exact_scan_max_rows
         self._retention = retention
@@ -327,7 +328,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text) if text is not None and use_vector else None
         now = _utcnow()
         scope, params = _memory_scope(filters, now)
-        with self._connection(own_accesses=False) as conn:
+        with self._connection(own_accesses=False, generic_plans=text is not None) as conn:
             if conn.info.transaction_status:  # not idle: the first call's schema check
                 conn.commit()
             # Each statement its own transaction: no BEGIN and COMMIT round trips (on a busy
@@ -395,7 +396,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         query_vector = self._embed_query(text)
         scope, params = ("d.category = %(category)s", {"category": category}) if category else (
             "TRUE", {})
-        with self._connection(own_accesses=False) as conn, conn.pipeline():
+        with self._connection(own_accesses=False, generic_plans=True) as conn, conn.pipeline():
             candidates = self._candidate_rows(conn, _KNOWLEDGE, scope, params, text,
                                               query_vector, top_k)
             ranked = ranking.rank_candidates(candidates, top_k, self._weights)
@@ -827,24 +828,33 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
                 logger.info("opened PostgreSQL memory store %s", self.url)  # redacted
 
     @contextmanager
-    def _connection(self, *, own_accesses: bool = True) -> Iterator[Any]:
+    def _connection(self, *, own_accesses: bool = True,
+                    generic_plans: bool = False) -> Iterator[Any]:
         """A pooled connection inside one transaction (committed on success).
 
         ``own_accesses`` (every verb but recall): the access counts pending in this process are
         written first, on this connection, so that what the verb reads includes them.
+        ``generic_plans`` (a recall with a query): its statements run on generic plans, set by
+        the pool's check (``_check_connection``) in the round trip it makes anyway.
         """
         self._open_pool()
-        with self._pool.connection() as conn:
-            if not self._schema_checked:
-                if _migration_check(conn)["status"] == "not_migrated":
-                    raise SchemaNotMigratedError(
-                        f"the PostgreSQL database {self.url} is not migrated: run "
-                        "`python migrate.py --database pgvector`"
-                    )
-                self._schema_checked = True
-            if own_accesses and self._accesses.has_pending():
-                self._accesses.write_pending(lambda pending: _write_accesses(conn, pending))
-            yield conn
+        _checkout.generic_plans = generic_plans
+        try:
+            with self._pool.connection() as conn:
+                _checkout.generic_plans = False
+                if not self._schema_checked:
+                    if _migration_check(conn)["status"] == "not_migrated":
+                        raise SchemaNotMigratedError(
+                            f"the PostgreSQL database {self.url} is not migrated: run "
+                            "`python migrate.py --database pgvector`"
+                        )
+                    self._schema_checked = True
+                if own_accesses and self._accesses.has_pending():
+                    self._accesses.write_pending(
+                        lambda pending: _write_accesses(conn, pending))
+                yield conn
+        finally:
+            _checkout.generic_plans = False
 
     @_translate_errors
     def _write_pending_accesses(self) -> None:
@@ -933,13 +943,14 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         terms = ranking.query_terms(text)
         sql, values = _candidate_query(corpus, scope, params, terms, query_vector, top_k,
                                        self._exact_scan_max_rows, whole_user)
-        # Generic plans (see the module docstring) for the rest of this checkout: the pool's
-        # check puts the default back at the next one, in the round trip it makes anyway.
-        conn.execute(_GENERIC_PLANS)
+        # Generic plans (see the module docstring): this driver's own pool set them in the
+        # checkout's check (``_connection(generic_plans=True)``); a pool given is told here.
+        if not self._pool_sets_plans:
+            conn.execute(_GENERIC_PLANS)
         try:
             rows = conn.execute(sql, values).fetchall()
         finally:
-            if not self._pool_resets_plans and not conn.closed:
+            if not self._pool_sets_plans and not conn.closed:
                 conn.execute("RESET plan_cache_mode")
         if not rows:
             return {}
@@ -1019,18 +1030,26 @@ def _write_accesses_at_exit(driver: weakref.ref[PgvectorDriver]) -> None:
         alive.close()
 
 
-#: Set by recall before its candidate statement (see the module docstring).
+#: What a recall's statements run with (see the module docstring).
 _GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+
+#: The plan choice the checkout under way on this thread asks for (``_connection``), read by
+#: the pool's check, which runs in the thread that checks a connection out.
+_checkout = threading.local()
 
 
 def _check_connection(conn: Any) -> None:
     """The pool's check of a connection on every checkout (``check_connection``: one round
-    trip, raising if the connection is gone), which also puts back the default plan choice
-    that a recall on this connection may have left (``_GENERIC_PLANS``)."""
+    trip, raising if the connection is gone), which also sets the plan choice the checkout's
+    user asked for: generic plans for a recall (``_GENERIC_PLANS``), the default for any other
+    verb. So a recall needs no round trip of its own for it, and no setting outlives the
+    checkout that asked for it."""
+    statement = _GENERIC_PLANS if getattr(_checkout, "generic_plans", False) else (
+        "RESET plan_cache_mode")
     autocommit = conn.autocommit
     conn.autocommit = True
     try:
-        conn.execute("RESET plan_cache_mode")
+        conn.execute(statement)
     finally:
         with suppress(Exception):  # a broken connection: the pool discards it
             conn.autocommit = autocommit
