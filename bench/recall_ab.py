@@ -53,9 +53,9 @@ import numpy as np
 
 from app.core.database.migrator import PROJECT_ROOT
 from app.core.memory.embeddings import get_default_embedder
+from bench.results import RESULTS, write_results
 from bench.workload import BASE_TEXTS, base_sentences, make_corpus
 
-RESULTS = PROJECT_ROOT / "bench" / "results"
 WORKER = Path(__file__).with_name("recall_ab_worker.py")
 DRIVERS = ("sqlite", "pgvector")
 SIDES = ("base", "head")
@@ -238,10 +238,7 @@ def _report(figures: dict[str, Any], output: Path) -> None:
                      f"{'met' if row['ratio_p50'] <= TARGET else 'NOT met'} |")
     figures["markdown"] = "\n".join(lines)
     print(figures["markdown"])
-    output.mkdir(parents=True, exist_ok=True)
-    target = output / f"recall-ab-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    target.write_text(json.dumps(figures, indent=2), encoding="utf-8")
-    print(f"\nwritten to {target}")
+    print(f"\nwritten to {write_results('recall-ab', figures, output)}")
 
 
 if __name__ == "__main__":

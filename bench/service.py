@@ -56,9 +56,9 @@ from app.core.keys.sqlite_key_store import SqliteKeyStore
 from app.core.memory.drivers.sqlite_driver import SqliteDriver
 from app.core.memory.embeddings import get_default_embedder
 from app.service.keys import create_key
+from bench.results import write_results
 from bench.workload import BenchEmbedder, base_sentences, make_corpus
 
-RESULTS = PROJECT_ROOT / "bench" / "results"
 USER = "bench_user"
 BASE_SENTENCES = 400
 LOAD_BATCH = 1_000
@@ -257,9 +257,7 @@ def _report(figures: dict[str, Any]) -> None:
                   f"{'met' if ratio >= 0.8 else 'NOT met'}); one caller: "
                   f"{figures['http_vs_in_process_one_caller']}x"]
     print("\n".join(lines))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"service-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    target.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    target = write_results("service", figures)
     print(f"\nwritten to {target.relative_to(PROJECT_ROOT)}")
 
 

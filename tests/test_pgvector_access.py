@@ -3,7 +3,6 @@ always read exactly by this process (``pgvector_access``), on a real PostgreSQL.
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -12,6 +11,7 @@ import pytest
 
 from app.core.memory.drivers.pgvector_access import AccessCounts
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
+from tests.threads import run_together
 from tests.word_hash_embedder import WordHashEmbedder
 
 
@@ -74,21 +74,13 @@ def test_concurrent_recalls_each_see_a_count_of_their_own_while_writes_go_on(emp
     driver = _driver(empty_pg, 0.01, pool_max_size=5)
     memory = driver.store("u", "the quick brown fox")
     seen: list[int] = []
-    errors: list[BaseException] = []
 
     def recall_many() -> None:
-        try:
-            for _ in range(30):
-                seen.append(driver.recall("u", query="quick fox")[0]["access_count"])
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
+        for _ in range(30):
+            seen.append(driver.recall("u", query="quick fox")[0]["access_count"])
 
-    threads = [threading.Thread(target=recall_many) for _ in range(4)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        errors = run_together([recall_many] * 4)
     finally:
         driver.close()
     assert errors == []

@@ -8,6 +8,7 @@ SQL finds and the scores it gives them, and need vectors whose cosines are known
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
 from app.core.memory.ranking import DEFAULT_WEIGHTS, KeywordStats, candidate_depth
+from tests.threads import run_together
 from tests.word_hash_embedder import WordHashEmbedder
 
 
@@ -86,34 +88,25 @@ def test_the_statistics_are_the_users_own_visible_rows(driver: PgvectorDriver,
 
 @pytest.mark.parametrize("with_query", [True, False], ids=["ranked", "newest-first"])
 def test_concurrent_recalls_of_the_same_memories_never_deadlock(empty_pg: str, with_query: bool):
-    """Recalls count accesses by updating the rows they return. Two recalls whose results
-    overlap must lock those rows in one order (the primary key's), or each can wait for a row
-    the other holds: PostgreSQL then kills one with "deadlock detected", and the recall fails.
-    Before, the ranked recall updated its rows in the join's order and 100 concurrent recalls
-    of one user (bench.aio) failed this way."""
-    import threading
-
-    driver = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder(), pool_max_size=8)
+    """Recalls count accesses, and the counts are written while other recalls run (every
+    10 ms here). Writes of overlapping rows must lock them in one order (the primary key's),
+    or each can wait for a row the other holds: PostgreSQL then kills one with "deadlock
+    detected". Before, each ranked recall updated its rows in the join's order and 100
+    concurrent recalls of one user (bench.aio) failed this way."""
+    driver = PgvectorDriver(url=empty_pg, embedder=WordHashEmbedder(), pool_max_size=8,
+                            access_flush_seconds=0.01)
     words = [f"w{i}" for i in range(12)]
     driver.store_many([{"user_id": "u", "content": " ".join(words[i % 12:i % 12 + 4] + [f"n{i}"])}
                        for i in range(40)])
     queries = [" ".join(words[i:i + 3]) for i in range(10)]
-    errors: list[BaseException] = []
 
     def recall_many(offset: int) -> None:
-        try:
-            for round_ in range(25):
-                query = queries[(offset + round_) % len(queries)] if with_query else None
-                driver.recall("u", query=query, top_k=20)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
+        for round_ in range(25):
+            query = queries[(offset + round_) % len(queries)] if with_query else None
+            driver.recall("u", query=query, top_k=20)
 
-    threads = [threading.Thread(target=recall_many, args=(i,)) for i in range(8)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        errors = run_together([functools.partial(recall_many, i) for i in range(8)])
     finally:
         driver.close()
     assert errors == []
