@@ -56,9 +56,9 @@ from app.core.memory.embeddings import get_default_embedder
 from app.core.memory.ranking import FusionWeights
 from bench import embedding_backends
 from bench.backends import DRIVERS, open_backend
+from bench.results import RESULTS
 from bench.workload import BenchEmbedder, Corpus, base_sentences, make_corpus
 
-RESULTS = PROJECT_ROOT / "bench" / "results"
 VECTOR_ONLY = FusionWeights(vector=1.0, keyword=0.0, importance=0.0, neighbour=0.0)
 LOAD_BATCH = 1_000
 STORE_MANY_TEXTS = 256

@@ -3,8 +3,11 @@ always read exactly by this process (``pgvector_access``), on a real PostgreSQL.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -109,3 +112,21 @@ def test_counts_that_could_not_be_written_are_kept_for_the_next_write():
     assert written == [{1: (1, early), 2: (2, late)}]
     assert not counts.has_pending()
 
+
+
+def test_interpreter_exit_writes_the_counts_of_a_driver_nobody_closed(empty_pg: str):
+    """A script that recalls and ends without ``close()`` (a CLI call, say) still counts."""
+    script = (
+        "import sys\n"
+        "from app.core.memory.drivers.pgvector_driver import PgvectorDriver\n"
+        "from tests.word_hash_embedder import WordHashEmbedder\n"
+        "driver = PgvectorDriver(url=sys.argv[1], embedder=WordHashEmbedder(),\n"
+        "                        access_flush_seconds=3600)\n"
+        "memory = driver.store('u', 'the quick brown fox')\n"
+        "driver.recall('u', query='quick fox')\n"
+        "print(memory['id'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, empty_pg], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert _stored_count(empty_pg, done.stdout.strip()) == 1

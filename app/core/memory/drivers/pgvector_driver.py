@@ -275,7 +275,7 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         self._schema_checked = False
         self._identity_checked = False
         self._accesses = AccessCounts(access_flush_seconds)
-        atexit.register(_write_accesses_at_exit, weakref.ref(self))
+        _drivers.add(self)  # so that interpreter exit writes its pending access counts
 
     @classmethod
     def from_settings(cls) -> PgvectorDriver:
@@ -1023,11 +1023,17 @@ def _write_accesses(conn: Any, pending: Pending) -> None:
     conn.commit()
 
 
-def _write_accesses_at_exit(driver: weakref.ref[PgvectorDriver]) -> None:
-    """At interpreter exit, write the access counts a driver nobody closed still holds."""
-    alive = driver()
-    if alive is not None and not alive._closed:
-        alive.close()
+#: Every driver not yet garbage-collected (closing one twice is harmless).
+_drivers: weakref.WeakSet[PgvectorDriver] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """At interpreter exit, close the drivers nobody closed: their pending access counts are
+    written."""
+    for driver in list(_drivers):
+        if not driver._closed:
+            driver.close()
 
 
 #: What a recall's statements run with (see the module docstring).
