@@ -16,7 +16,12 @@ import psycopg
 import pytest
 
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
-from app.core.memory.ranking import DEFAULT_WEIGHTS, KeywordStats, candidate_depth
+from app.core.memory.ranking import (
+    DEFAULT_WEIGHTS,
+    KeywordStats,
+    candidate_depth,
+    keyword_coverage,
+)
 from tests.threads import run_together
 from tests.word_hash_embedder import WordHashEmbedder
 
@@ -84,6 +89,22 @@ def test_the_statistics_are_the_users_own_visible_rows(driver: PgvectorDriver,
     with psycopg.connect(empty_pg) as connection:
         rows = connection.execute(sql, values).fetchall()
     assert rows and {(row[7], tuple(row[8])) for row in rows} == {(12.0, (12.0, 7.0, 0.0))}
+
+
+def test_every_query_term_a_row_holds_counts_up_to_the_last_of_64(driver: PgvectorDriver):
+    """The terms a holder holds travel as 63-term bit masks: the 64th query term (the second
+    mask's first bit) counts toward a row's coverage as the first does."""
+    terms = [f"k{i}x" for i in range(1, 65)]
+    last_only = driver.store("u", "k64x")
+    first_and_last = driver.store("u", "k1x k64x")
+    driver.store_many([{"user_id": "u", "content": f"o{i}x"} for i in range(20)])
+
+    found = driver.recall("u", query=" ".join(terms), top_k=2, use_vector=False)
+
+    weights = KeywordStats(22, {term: 0 for term in terms} | {"k1x": 1, "k64x": 2}).weights()
+    assert [(memory["id"], memory["score"]) for memory in found] == [
+        (first_and_last["id"], pytest.approx(keyword_coverage({"k1x", "k64x"}, weights), abs=1e-6)),
+        (last_only["id"], pytest.approx(keyword_coverage({"k64x"}, weights), abs=1e-6))]
 
 
 @pytest.mark.parametrize("with_query", [True, False], ids=["ranked", "newest-first"])

@@ -72,7 +72,10 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   (``KeywordStats.searched``), best idf-weighted coverage first, ties to the newest stored.
   One hash aggregate over the pairs (``holders``) gives every holder its coverage and the
   terms it holds, which the candidates then take from it (a second pass over the pairs for
-  the candidates' terms cost ~0.25 ms more at 10k). The pass before those read the union of
+  the candidates' terms cost ~0.25 ms more at 10k). The terms held travel as bit masks
+  (``_held_masks``): gathered with ``array_agg``, which takes a memory context per row, the
+  aggregate spilled to disk at 100k memories, and the statement took ~27 against ~22 ms
+  (interleaved, same rows). The pass before those read the union of
   the holders and tested every query term against each row's tsvector in a per-row subplan:
   5.0 against 4.1 ms for the candidate statement at 10k memories, same rows. (The planner's
   table-wide statistics, used before to skip frequent words, made the ranking depend on other
@@ -957,8 +960,12 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         stats = ranking.KeywordStats(int(rows[0][7]), dict(zip(terms, rows[0][8], strict=True)))
         weights = stats.weights()
         candidates = {}
-        for pk, importance, recency, cosine, public_id, occurred, held, _, _, talk in rows:
-            held_terms = frozenset(terms[i - 1] for i in held)
+        held_by_masks: dict[tuple[int, ...] | None, frozenset[str]] = {}
+        for pk, importance, recency, cosine, public_id, occurred, masks, _, _, talk in rows:
+            key = tuple(masks) if masks is not None else None
+            held_terms = held_by_masks.get(key)
+            if held_terms is None:
+                held_terms = held_by_masks[key] = _terms_in_masks(terms, key)
             candidates[pk] = ranking.Candidate(
                 pk, importance, recency, cosine, ranking.keyword_coverage(held_terms, weights),
                 public_id, occurred, held_terms, talk)
@@ -1077,8 +1084,8 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
     """The candidate statement and its parameters (``whole_user``: the scope is exactly the
     visible memories of ``params["user_id"]``, ``_memory_scope`` without a filter).
 
-    Its rows: (pk, importance, recency, cosine, public id, occurred, the 1-based indexes of
-    ``terms`` the row holds, the scope's row count, each term's row count in the scope,
+    Its rows: (pk, importance, recency, cosine, public id, occurred, the bit masks of the
+    ``terms`` the row holds (``_held_masks``; NULL: none), the scope's row count, each term's row count in the scope,
     whether it belongs to a conversation). The keyword side takes the rows holding a searched
     term (``ranking.KeywordStats.searched``, the same rule in SQL) with the best idf-weighted
     coverage, ties to the newest stored.
@@ -1116,8 +1123,8 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         # Every holder once, with the query terms it holds and its idf-weighted coverage of
         # the kept ones (NULL: it holds none of those). One pass over the pairs serves both
         # the keyword candidates and every candidate's terms.
-        "holders AS MATERIALIZED (SELECT h.pk, sum(k.idf) AS coverage, array_agg(h.i) AS held "
-        "FROM hold h LEFT JOIN kept k ON k.i = h.i GROUP BY h.pk)",
+        f"holders AS MATERIALIZED (SELECT h.pk, sum(k.idf) AS coverage, {_held_masks(terms)} "
+        "AS held FROM hold h LEFT JOIN kept k ON k.i = h.i GROUP BY h.pk)",
         # Candidates: rows holding a kept term, the best coverage first (the division by the
         # kept terms' total idf changes no order), ties to the newest stored.
         "keyword AS (SELECT pk FROM holders WHERE coverage IS NOT NULL "
@@ -1143,13 +1150,40 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         f"SELECT m.pk, {corpus.importance}::float8, "
         f"EXTRACT(EPOCH FROM {corpus.recency})::float8, {cosine}, {corpus.public_id}, "
         f"EXTRACT(EPOCH FROM {corpus.occurred})::float8, "
-        "COALESCE(h.held, '{}'::int[]), "
+        "h.held, "
         "(SELECT n FROM total), ARRAY(SELECT w.n FROM weighted w ORDER BY w.i), "
         f"{corpus.in_conversation} FROM candidates c JOIN {corpus.source} ON m.pk = c.pk "
         # The query terms each candidate holds (ranking.py reads them for every candidate).
         "LEFT JOIN holders h ON h.pk = m.pk"
     )
     return sql, values
+
+
+#: Query terms per bit mask of the terms a row holds (bigint bits, the sign bit left alone).
+_TERMS_PER_MASK = 63
+
+
+def _held_masks(terms: list[str]) -> str:
+    """SQL for the query terms a holder holds (over ``hold h``'s pairs, grouped by row): an
+    array of bigint bit masks, bit ``b`` of mask ``j`` for term ``j * 63 + b + 1``.
+
+    A bit mask, not ``array_agg(h.i)``: its state is one fixed-size value per row, while each
+    ``array_agg`` state takes a memory context of its own, and at 100k memories (5,000
+    holders) the aggregate spilled to disk and took ~8 ms of a ~26 ms statement."""
+    masks = []
+    for first in range(1, len(terms) + 1, _TERMS_PER_MASK):
+        last = first + _TERMS_PER_MASK - 1
+        masks.append(f"bit_or(CASE WHEN h.i BETWEEN {first} AND {last} "
+                     f"THEN 1::bigint << (h.i - {first}) ELSE 0 END)")
+    return f"ARRAY[{', '.join(masks)}]"
+
+
+def _terms_in_masks(terms: list[str], masks: tuple[int, ...] | None) -> frozenset[str]:
+    """The terms whose bits ``masks`` (``_held_masks``' array, None for no holder) has set."""
+    if masks is None:
+        return frozenset()
+    return frozenset(term for i, term in enumerate(terms)
+                     if masks[i // _TERMS_PER_MASK] >> (i % _TERMS_PER_MASK) & 1)
 
 
 def _scope_size(corpus: _Corpus, scope: str, whole_user: bool) -> str:
