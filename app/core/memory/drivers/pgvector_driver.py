@@ -46,7 +46,8 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   the custom plans (same lists, same scores). Every other estimate it needs is the same either
   way: the scope's size and the terms' counts are computed inside the statement, which no plan
   knows in advance.
-- Settings: ``hnsw.ef_search`` = the candidate depth (50 for top_k <= 12), pgvector 0.8's
+- Settings: ``hnsw.ef_search`` = the candidate depth, at least ``MIN_EF_SEARCH`` (64; the
+  depth is 50 for top_k <= 12), pgvector 0.8's
   ``hnsw.iterative_scan = strict_order`` (so filtering by user cannot leave the result short)
   are set by ``set_config(..., true)`` inside the statement, before any scan starts (the
   access-count write sets ``synchronous_commit = off`` the same way: bookkeeping, not worth a
@@ -65,7 +66,10 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   index, whose graph the 2026_11_29 migration made denser (m 32, ef_construction 128): at
   ef_search 50 its top 10 is the exact top 10 for 98% of the benchmark's queries on 100k
   memories, against 87% with pgvector's defaults (16, 64), which no ef_search up to 160 brought
-  above 92%.
+  above 92%. The graph differs with each build (its levels are drawn at random), and
+  bench.pgvector_recall's rebuilt graphs gave 94-98% at ef_search 50; on one graph (400
+  queries, 100k memories) the exact top 10 was among the 50 candidates for 97.5% of them at
+  ef_search 50 and 98.5% at 64, for ~0.2 ms more: hence ``MIN_EF_SEARCH``.
 - Keyword side: each query term's holders in the scope are read as (term, row) pairs, one
   bitmap scan of the GIN index per term (``hold``); they give each term's count (the
   statistics) and the keyword candidates: rows holding a searched term
@@ -185,6 +189,8 @@ R = TypeVar("R")
 #: The schema the driver needs, all of it (every memory read selects ``occurred_at``; recall
 #: reads ``memory_counts``).
 REQUIRED_MIGRATION = "2026_12_04_000001_add_memory_counts"
+#: The least ``hnsw.ef_search`` of a recall through the HNSW index (see the module docstring).
+MIN_EF_SEARCH = 64
 #: A memory row as ``_memory_from_row`` reads it (by position: add columns at the end only).
 _MEMORY_COLUMNS = (
     "m.pk, m.id, m.user_id, m.agent_id, m.conversation_id, m.namespace, m.key, m.content, "
@@ -1092,7 +1098,7 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
     """
     depth = ranking.candidate_depth(top_k)
     values = {**params, "terms": terms, "exact_max": exact_max,
-              "ef_search": str(max(40, depth)), "common": ranking.COMMON_TERM_SHARE}
+              "ef_search": str(max(MIN_EF_SEARCH, depth)), "common": ranking.COMMON_TERM_SHARE}
     parts = [
         # The scope's size (the keyword statistics' N, and what picks exact search or the
         # index). It also applies the statement's settings (see the module docstring): every
