@@ -59,8 +59,8 @@ def clean_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Non
 #: A server this test run may create and drop its own database on (see scripts/install-postgres.sh).
 PG_ADMIN_URL = os.environ.get("MEMORY_TEST_PG_ADMIN_URL",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_TABLES = ("memories, memory_counts, knowledge_chunks, knowledge_documents, users, "
-             "embedding_identity, reembed_target")
+PG_TABLES = ("memories, memory_counts, memory_terms, knowledge_chunks, knowledge_documents, "
+             "users, embedding_identity, reembed_target")
 
 
 def migrate_postgres(url: str) -> str:

@@ -171,11 +171,14 @@ def test_the_migration_counts_the_memories_already_there(
 
 
 def roll_back_ours(db: object, backend: str) -> None:
-    """Migrate ``db`` fully, then roll back this migration (the newest of ``backend``)."""
-    migrations = migrations_dir(backend)
-    names = sorted(file.stem for file in migrations.glob("*.py"))
-    assert names[-1] == MIGRATION, "this test rolls back the newest migration: keep it ours"
-    migrator = Migrator(db, migrations, out=lambda line: None)
+    """Migrate ``db`` fully, then roll back this migration and every later one."""
+    roll_back_to_before(db, backend, MIGRATION)
+
+
+def roll_back_to_before(db: object, backend: str, migration: str) -> None:
+    """Migrate ``db`` fully, then roll back ``migration`` of ``backend`` and every later one."""
+    migrator = Migrator(db, migrations_dir(backend), out=lambda line: None)
+    names = migrator.files()
     migrator.migrate()
-    migrator.rollback(step=1)
-    assert MIGRATION in migrator.pending()
+    migrator.rollback(step=len(names) - names.index(migration))
+    assert migrator.pending() == names[names.index(migration):]
