@@ -70,25 +70,30 @@ Recall, and why it is built this way (profiled with ``python -m bench.pgvector_r
   bench.pgvector_recall's rebuilt graphs gave 94-98% at ef_search 50; on one graph (400
   queries, 100k memories) the exact top 10 was among the 50 candidates for 97.5% of them at
   ef_search 50 and 98.5% at 64, for ~0.2 ms more: hence ``MIN_EF_SEARCH``.
-- Keyword side: each query term's holders in the scope are read as (term, row) pairs, one
-  bitmap scan of the GIN index per term (``hold``); they give each term's count (the
-  statistics) and the keyword candidates: rows holding a searched term
-  (``KeywordStats.searched``), best idf-weighted coverage first, ties to the newest stored.
+- Keyword side: each query term's holders in the scope are read as (term, row) pairs
+  (``hold``, ``_holders``); they give each term's count (the statistics) and the keyword
+  candidates: rows holding a searched term (``KeywordStats.searched``), best idf-weighted
+  coverage first, ties to the newest stored. For a whole user the pairs come from
+  ``memory_terms`` (user, lexeme, memory, expiry; kept by triggers, migration
+  2026_12_06_000001): an index-only range per term. Through the GIN index, which a filtered
+  scope still uses, every holder's row is read from the table to test the scope: at 100k
+  memories five words in 3-5% of the rows each were ~15k rows on ~7,600 pages, and the
+  candidate statement took ~31 ms against ~16 ms from ``memory_terms`` (at 10k, recall 4.46
+  against 4.00 ms p50, ``bench.recall_ab``, interleaved).
   One hash aggregate over the pairs (``holders``) gives every holder its coverage and the
   terms it holds, which the candidates then take from it (a second pass over the pairs for
   the candidates' terms cost ~0.25 ms more at 10k). The terms held travel as bit masks
   (``_held_masks``): gathered with ``array_agg``, which takes a memory context per row, the
   aggregate spilled to disk at 100k memories, and the statement took ~27 against ~22 ms
-  (interleaved, same rows). The pass before those read the union of
-  the holders and tested every query term against each row's tsvector in a per-row subplan:
-  5.0 against 4.1 ms for the candidate statement at 10k memories, same rows. (The planner's
-  table-wide statistics, used before to skip frequent words, made the ranking depend on other
-  users' data and change after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a
-  common word too: stopping a term's scan at the common share plus one, as SQLite does, made
-  the statement ~0.5 ms slower at 10k (its planning and the second pass it needs when every
-  held word is common cost more than the rows it saved), so it was left out. At 100k
-  memories this pass is most of the recall: five words in ~3% of the rows each are 15k
-  (term, row) pairs, read from the table because the scope's columns are not in the index.
+  (interleaved, same rows). An earlier pass read the union of the holders and tested every
+  query term against each row's tsvector in a per-row subplan: 5.0 against 4.1 ms for the
+  candidate statement at 10k memories, same rows. (The planner's table-wide statistics, used
+  before to skip frequent words, made the ranking depend on other users' data and change
+  after an ``ANALYZE``.) Unlike SQLite's, this pass reads every holder of a common word too:
+  stopping a term's scan at the common share plus one, as SQLite does, made the statement
+  ~0.5 ms slower at 10k (its planning and the second pass it needs when every held word is
+  common cost more than the rows it saved), so it was left out. At 100k memories the pairs
+  and their aggregate are still most of the recall.
 - The access-count write (``_ACCESS_WRITE``) stays a HOT update (no index touched) because the
   2026_11_29 migration leaves half of each page free (fillfactor 50): a row is ~1.9 kB, and at
   fillfactor 85 half of these updates found no room on their page and inserted into every index,
@@ -1125,11 +1130,15 @@ def _candidate_query(corpus: _Corpus, scope: str, params: dict[str, Any], terms:
         "kept AS (SELECT i, n, idf FROM rare WHERE EXISTS (SELECT 1 FROM rare WHERE n > 0) "
         "UNION ALL SELECT i, n, idf FROM weighted WHERE NOT EXISTS "
         "(SELECT 1 FROM rare WHERE n > 0))",
+        # Each term's idf by its index, NULL for a term not kept: the pairs read it by
+        # subscript (joined with "kept" instead, 14.9 against 13.7 ms at 100k, interleaved).
+        "idfs AS (SELECT ARRAY(SELECT k.idf FROM q LEFT JOIN kept k ON k.i = q.i "
+        "ORDER BY q.i) AS idf)",
         # Every holder once, with the query terms it holds and its idf-weighted coverage of
         # the kept ones (NULL: it holds none of those). One pass over the pairs serves both
         # the keyword candidates and every candidate's terms.
-        f"holders AS MATERIALIZED (SELECT h.pk, sum(k.idf) AS coverage, {_held_masks(terms)} "
-        "AS held FROM hold h LEFT JOIN kept k ON k.i = h.i GROUP BY h.pk)",
+        "holders AS MATERIALIZED (SELECT h.pk, sum((SELECT idf FROM idfs)[h.i]) AS coverage, "
+        f"{_held_masks(terms)} AS held FROM hold h GROUP BY h.pk)",
         # Candidates: rows holding a kept term, the best coverage first (the division by the
         # kept terms' total idf changes no order), ties to the newest stored.
         "keyword AS (SELECT pk FROM holders WHERE coverage IS NOT NULL "
