@@ -1177,15 +1177,15 @@ def _holders(corpus: _Corpus, scope: str, whole_user: bool) -> str:
     """SQL for the (term index, row pk) pairs of ``q``'s terms held by rows of ``scope``.
 
     A whole user's visible memories: from ``memory_terms`` (migration 2026_12_06_000001), an
-    index-only range per term, a term of several lexemes ("e-mail") held where each of them
-    is; the table itself is not read (see the module docstring). Any other scope: one bitmap
+    index-only range per term, a term of several lexemes ("user_name") held where each of
+    them is; the table itself is not read (see the module docstring). Any other scope: one bitmap
     scan of the GIN index per term, whose rows are read to test the scope."""
     if whole_user:
         return ("SELECT q.i, t.pk FROM q CROSS JOIN LATERAL (SELECT t.pk FROM memory_terms t "
                 "WHERE t.user_id = %(user_id)s AND t.lexeme = q.lexemes[1] "
                 "AND (t.expires_at IS NULL OR t.expires_at > %(now)s) "
-                # A subplan under OR, run for the rare term of several lexemes only (as an
-                # anti-join it cost every pair a scan of the others, ~0.1 ms at 10k).
+                # A subplan under OR, run only for a term of several lexemes (as an anti-join
+                # it cost every pair a scan of the others, ~0.1 ms at 10k).
                 "AND (cardinality(q.lexemes) < 2 OR NOT EXISTS (SELECT 1 FROM "
                 "unnest(q.lexemes[2:]) AS o (lexeme) WHERE NOT EXISTS (SELECT 1 FROM "
                 "memory_terms u WHERE u.user_id = %(user_id)s AND u.lexeme = o.lexeme "
