@@ -1210,7 +1210,7 @@ def _held_masks(terms: list[str]) -> str:
         last = first + _TERMS_PER_MASK - 1
         masks.append(f"bit_or(CASE WHEN h.i BETWEEN {first} AND {last} "
                      f"THEN 1::bigint << (h.i - {first}) ELSE 0 END)")
-    return f"ARRAY[{', '.join(masks)}]"
+    return f"ARRAY[{', '.join(masks)}]::bigint[]"  # typed: a query may have no terms
 
 
 def _terms_in_masks(terms: list[str], masks: tuple[int, ...] | None) -> frozenset[str]:
