@@ -171,8 +171,8 @@ def measure_recall(url: str, embedder: BenchEmbedder, corpus: Corpus, users: lis
         for _ in range(rounds):
             for q in range(count):
                 text, vector = corpus.query_texts[q], corpus.query_vectors[q]
-                hnsw_ms.append(1000 * _timed(partial(hnsw_baseline, conn, owner[q], vector)))
-                recall_ms.append(1000 * _timed(partial(driver.recall, owner[q], query=text,
+                hnsw_ms.append(1000 * timed(partial(hnsw_baseline, conn, owner[q], vector)))
+                recall_ms.append(1000 * timed(partial(driver.recall, owner[q], query=text,
                                                        top_k=TOP_K)))
         for q in range(count):
             own = np.arange(users.index(owner[q]), stage, len(users))
@@ -184,7 +184,7 @@ def measure_recall(url: str, embedder: BenchEmbedder, corpus: Corpus, users: lis
     embedder.clear_queries()
     driver.close()
     by_cosine.close()
-    return {"recall_ms": _percentiles(recall_ms), "hnsw_ms": _percentiles(hnsw_ms),
+    return {"recall_ms": percentiles(recall_ms), "hnsw_ms": percentiles(hnsw_ms),
             "exact_recall": exact_recall / count, "exact_hnsw": exact_hnsw / count}
 
 
@@ -198,9 +198,9 @@ def measure_store_many(url: str, embedder: BenchEmbedder, corpus: Corpus, stage:
     for r in range(rounds):
         texts = [f"{text} (stage {stage}, round {r})" for text in
                  corpus.texts[:STORE_MANY_TEXTS]]
-        encode.append(STORE_MANY_TEXTS / _timed(partial(
+        encode.append(STORE_MANY_TEXTS / timed(partial(
             embedder.model.embed_documents, [f"{text} encoded" for text in texts])))
-        store.append(STORE_MANY_TEXTS / _timed(partial(
+        store.append(STORE_MANY_TEXTS / timed(partial(
             driver.store_many, [{"user_id": "writer", "content": text} for text in texts])))
     driver.close()
     return {"encode_per_s": statistics.median(encode),
@@ -227,13 +227,15 @@ def _short(line: str) -> str:
     return re.sub(r"'\[[^\]]{80,}\]'", "'[...]'", line)
 
 
-def _timed(action: Callable[[], Any]) -> float:
+def timed(action: Callable[[], Any]) -> float:
+    """The seconds ``action()`` takes."""
     began = time.perf_counter()
     action()
     return time.perf_counter() - began
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
+    """The median and 95th percentile of ``values``."""
     ordered = sorted(values)
     return {"p50": statistics.median(ordered), "p95": ordered[int(0.95 * (len(ordered) - 1))]}
 
@@ -273,12 +275,12 @@ def baseline_figures(url: str, corpus: Corpus, users: list[str], ids: list[str])
             hnsw_baseline(conn, user, corpus.query_vectors[0])
         for q in range(count):
             owner, vector = users[q % len(users)], corpus.query_vectors[q]
-            times.append(1000 * _timed(partial(hnsw_baseline, conn, owner, vector)))
+            times.append(1000 * timed(partial(hnsw_baseline, conn, owner, vector)))
             own = np.arange(users.index(owner), stage, len(users))
             scores = corpus.vectors[own] @ vector
             expected = {ids[int(own[i])] for i in np.argsort(-scores, kind="stable")[:TOP_K]}
             exact += set(hnsw_baseline(conn, owner, vector)) == expected
-    return {"hnsw_ms": _percentiles(times), "hnsw_exact_share": exact / count}
+    return {"hnsw_ms": percentiles(times), "hnsw_exact_share": exact / count}
 
 
 def render_baseline(report: dict[str, Any]) -> list[str]:
