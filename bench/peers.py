@@ -1,6 +1,6 @@
 """This project's PGVector recall against LangGraph's ``PostgresStore`` search, in one run.
 
-    pip install -e '.[pgvector,peers]'
+    scripts/install.sh pgvector peers
     python -m bench.peers [--sizes 1000,10000] [--queries 100] [--rounds 2]
 
 The peer issue 19 compares with, run side by side on the same machine, PostgreSQL server, texts
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import langgraph.store.postgres  # noqa: F401
     except ImportError:
-        parser.error("LangGraph's store is not installed: pip install -e '.[peers]'")
+        parser.error("LangGraph's store is not installed: scripts/install.sh pgvector peers")
     model = get_default_embedder()
     sizes = [int(size) for size in args.sizes.split(",") if size]
     corpus = make_corpus(model.embed_documents(base_sentences()), max(sizes), args.queries)
