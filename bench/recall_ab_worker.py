@@ -96,16 +96,12 @@ def _scratch_store(name: str, embedder: PresetEmbedder) -> Any:
 
 @contextmanager
 def _sqlite_store(embedder: PresetEmbedder) -> Iterator[tuple[Any, Callable[[], None]]]:
-    from app.core.database.migrator import Migrator, SqliteMigrationDatabase, migrations_dir
+    from app.core.database.migrator import SqliteMigrationDatabase
     from app.core.memory.drivers.sqlite_driver import SqliteDriver
 
     with tempfile.TemporaryDirectory(prefix="bench-recall-ab-") as folder:
         path = Path(folder) / "memory.sqlite3"
-        database = SqliteMigrationDatabase(path)
-        try:
-            Migrator(database, migrations_dir("sqlite"), out=lambda line: None).migrate()
-        finally:
-            database.close()
+        _migrate(SqliteMigrationDatabase(path), "sqlite")
         driver = SqliteDriver(path=path, embedder=embedder)
         try:
             yield driver, lambda: None
@@ -118,7 +114,6 @@ def _pgvector_store(embedder: PresetEmbedder) -> Iterator[tuple[Any, Callable[[]
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from app.core.database.migrator import Migrator, migrations_dir
     from app.core.database.postgres_migration import PostgresMigrationDatabase
     from app.core.memory.drivers.pgvector_driver import PgvectorDriver
 
@@ -132,11 +127,7 @@ def _pgvector_store(embedder: PresetEmbedder) -> Iterator[tuple[Any, Callable[[]
             connection.execute("VACUUM ANALYZE")
 
     try:
-        database = PostgresMigrationDatabase(url, create_missing=True)
-        try:
-            Migrator(database, migrations_dir("pgvector"), out=lambda line: None).migrate()
-        finally:
-            database.close()
+        _migrate(PostgresMigrationDatabase(url, create_missing=True), "pgvector")
         driver = PgvectorDriver(url=url, embedder=embedder)
         try:
             yield driver, settle
@@ -145,6 +136,16 @@ def _pgvector_store(embedder: PresetEmbedder) -> Iterator[tuple[Any, Callable[[]
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{database_name}" WITH (FORCE)')
+
+
+def _migrate(database: Any, backend: str) -> None:
+    """Run every migration of ``backend`` (this side's) on ``database``, then close it."""
+    from app.core.database.migrator import Migrator, migrations_dir
+
+    try:
+        Migrator(database, migrations_dir(backend), out=lambda line: None).migrate()
+    finally:
+        database.close()
 
 
 def _load(driver: Any, embedder: PresetEmbedder, user: str, texts: list[str],

@@ -75,6 +75,16 @@ def migrate_postgres(url: str) -> str:
     return url
 
 
+def roll_back_to_before(db: object, backend: str, migration: str) -> None:
+    """Migrate ``db`` fully, then roll back ``migration`` of ``backend`` and every later one (to
+    test what a migration does with the rows it meets)."""
+    migrator = Migrator(db, migrations_dir(backend), out=lambda line: None)
+    names = migrator.files()
+    migrator.migrate()
+    migrator.rollback(step=len(names) - names.index(migration))
+    assert migrator.pending() == names[names.index(migration):]
+
+
 @contextmanager
 def temporary_database(prefix: str) -> Iterator[str]:
     """A new, empty PostgreSQL database named ``prefix`` + random hex; its URL; dropped after."""

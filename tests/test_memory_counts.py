@@ -18,7 +18,7 @@ from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers.sqlite_driver import SqliteDriver
 from app.core.memory.validation import prepare_filters
-from tests.conftest import migrate_postgres
+from tests.conftest import migrate_postgres, roll_back_to_before
 from tests.word_hash_embedder import WordHashEmbedder
 
 USERS = ("alice", "bob")
@@ -133,7 +133,7 @@ def test_the_migration_counts_the_memories_already_there(
     path = tmp_path / "memory.sqlite3"
     sqlite_db = SqliteMigrationDatabase(path)
     try:
-        roll_back_ours(sqlite_db, "sqlite")
+        roll_back_to_before(sqlite_db, "sqlite", MIGRATION)
     finally:
         sqlite_db.close()
     with sqlite3.connect(path) as conn:
@@ -155,7 +155,7 @@ def test_the_migration_counts_the_memories_already_there(
     url = request.getfixturevalue("blank_database")
     pg_db = PostgresMigrationDatabase(url)
     try:
-        roll_back_ours(pg_db, "pgvector")
+        roll_back_to_before(pg_db, "pgvector", MIGRATION)
     finally:
         pg_db.close()
     with psycopg.connect(url) as conn:
@@ -168,17 +168,3 @@ def test_the_migration_counts_the_memories_already_there(
     for sizes in (sqlite_sizes(path), pg_sizes(url)):
         for user_id in USERS:
             assert sizes(user_id, time.time()) == (4, 4)  # 6 rows, 2 of them soft-deleted
-
-
-def roll_back_ours(db: object, backend: str) -> None:
-    """Migrate ``db`` fully, then roll back this migration and every later one."""
-    roll_back_to_before(db, backend, MIGRATION)
-
-
-def roll_back_to_before(db: object, backend: str, migration: str) -> None:
-    """Migrate ``db`` fully, then roll back ``migration`` of ``backend`` and every later one."""
-    migrator = Migrator(db, migrations_dir(backend), out=lambda line: None)
-    names = migrator.files()
-    migrator.migrate()
-    migrator.rollback(step=len(names) - names.index(migration))
-    assert migrator.pending() == names[names.index(migration):]

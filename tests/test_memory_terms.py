@@ -14,8 +14,7 @@ from app.core.memory import ranking
 from app.core.memory.drivers import pgvector_driver as pg
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
 from app.core.memory.validation import prepare_filters
-from tests.conftest import migrate_postgres
-from tests.test_memory_counts import roll_back_to_before
+from tests.conftest import migrate_postgres, roll_back_to_before
 from tests.word_hash_embedder import WordHashEmbedder
 
 MIGRATION = "2026_12_06_000001_add_memory_terms"

@@ -971,12 +971,8 @@ class PgvectorDriver(EmbeddingSupport, BaseMemoryDriver):
         stats = ranking.KeywordStats(int(rows[0][7]), dict(zip(terms, rows[0][8], strict=True)))
         weights = stats.weights()
         candidates = {}
-        held_by_masks: dict[tuple[int, ...] | None, frozenset[str]] = {}
         for pk, importance, recency, cosine, public_id, occurred, masks, _, _, talk in rows:
-            key = tuple(masks) if masks is not None else None
-            held_terms = held_by_masks.get(key)
-            if held_terms is None:
-                held_terms = held_by_masks[key] = _terms_in_masks(terms, key)
+            held_terms = _terms_in_masks(terms, masks)
             candidates[pk] = ranking.Candidate(
                 pk, importance, recency, cosine, ranking.keyword_coverage(held_terms, weights),
                 public_id, occurred, held_terms, talk)
@@ -1213,7 +1209,7 @@ def _held_masks(terms: list[str]) -> str:
     return f"ARRAY[{', '.join(masks)}]::bigint[]"  # typed: a query may have no terms
 
 
-def _terms_in_masks(terms: list[str], masks: tuple[int, ...] | None) -> frozenset[str]:
+def _terms_in_masks(terms: list[str], masks: Sequence[int] | None) -> frozenset[str]:
     """The terms whose bits ``masks`` (``_held_masks``' array, None for no holder) has set."""
     if masks is None:
         return frozenset()
