@@ -85,6 +85,17 @@ def roll_back_to_before(db: object, backend: str, migration: str) -> None:
     assert migrator.pending() == names[names.index(migration):]
 
 
+def roll_back_postgres_to_before(url: str, migration: str) -> None:
+    """``roll_back_to_before`` on the PostgreSQL database ``url`` names."""
+    from app.core.database.postgres_migration import PostgresMigrationDatabase
+
+    db = PostgresMigrationDatabase(url)
+    try:
+        roll_back_to_before(db, "pgvector", migration)
+    finally:
+        db.close()
+
+
 @contextmanager
 def temporary_database(prefix: str) -> Iterator[str]:
     """A new, empty PostgreSQL database named ``prefix`` + random hex; its URL; dropped after."""

@@ -18,7 +18,11 @@ from app.core.memory.base import BaseMemoryDriver
 from app.core.memory.drivers import sqlite_search as search
 from app.core.memory.drivers.sqlite_driver import SqliteDriver
 from app.core.memory.validation import prepare_filters
-from tests.conftest import migrate_postgres, roll_back_to_before
+from tests.conftest import (
+    migrate_postgres,
+    roll_back_postgres_to_before,
+    roll_back_to_before,
+)
 from tests.word_hash_embedder import WordHashEmbedder
 
 USERS = ("alice", "bob")
@@ -150,14 +154,8 @@ def test_the_migration_counts_the_memories_already_there(
 
     import psycopg
 
-    from app.core.database.postgres_migration import PostgresMigrationDatabase
-
     url = request.getfixturevalue("blank_database")
-    pg_db = PostgresMigrationDatabase(url)
-    try:
-        roll_back_to_before(pg_db, "pgvector", MIGRATION)
-    finally:
-        pg_db.close()
+    roll_back_postgres_to_before(url, MIGRATION)
     with psycopg.connect(url) as conn:
         conn.cursor().executemany(
             "INSERT INTO memories (id, user_id, content, created_at, updated_at, occurred_at, "

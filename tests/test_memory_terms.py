@@ -14,7 +14,7 @@ from app.core.memory import ranking
 from app.core.memory.drivers import pgvector_driver as pg
 from app.core.memory.drivers.pgvector_driver import PgvectorDriver
 from app.core.memory.validation import prepare_filters
-from tests.conftest import migrate_postgres, roll_back_to_before
+from tests.conftest import migrate_postgres, roll_back_postgres_to_before
 from tests.word_hash_embedder import WordHashEmbedder
 
 MIGRATION = "2026_12_06_000001_add_memory_terms"
@@ -123,13 +123,7 @@ def test_the_whole_user_pass_finds_what_the_gin_pass_finds(driver: PgvectorDrive
 
 
 def test_the_migration_indexes_the_memories_already_there(blank_database: str) -> None:
-    from app.core.database.postgres_migration import PostgresMigrationDatabase
-
-    db = PostgresMigrationDatabase(blank_database)
-    try:
-        roll_back_to_before(db, "pgvector", MIGRATION)
-    finally:
-        db.close()
+    roll_back_postgres_to_before(blank_database, MIGRATION)
     with psycopg.connect(blank_database) as conn:
         conn.cursor().executemany(
             "INSERT INTO memories (id, user_id, content, created_at, updated_at, occurred_at, "
